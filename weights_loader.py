@@ -47,6 +47,20 @@ CLIP_RULES = [  # transformers CLIP*ModelWithProjection -> minivd.clip (one flat
     (r"^pre_layrnorm\.", "pre_layernorm."),  # transformers' spelling
     (r"\.self_attn\.(q|k|v|out)_proj\.", r".self_attn.to_\1."),
 ]
+OPTIMUS_RULES = [  # optimus-vae.pth (the original code's module names) -> minivd.optimus.Optimus
+    (r"^decoder\.transformer\.h\.\d+\.attn\.bias$", None),  # a causal-mask buffer saved with the weights
+    (r"^decoder\.lm_head\.weight$", None),  # tied to decoder.transformer.wte.weight
+    (r"^decoder\.transformer\.", "decoder."),
+    (r"^encoder\.encoder\.layer\.", "encoder.layers."),
+    (r"^encoder\.embeddings\.LayerNorm\.", "encoder.embeddings.norm."),
+    (r"^encoder\.pooler\.dense\.", "encoder.pooler."),
+    (r"\.attention\.self\.", ".attn."),
+    (r"\.attention\.output\.dense\.", ".attn.out."),
+    (r"\.attention\.output\.LayerNorm\.", ".attn_norm."),
+    (r"\.intermediate\.dense\.", ".mlp_in."),
+    (r"\.output\.dense\.", ".mlp_out."),
+    (r"\.output\.LayerNorm\.", ".mlp_norm."),
+]
 
 
 def unet_rules(cfg, data, context):
@@ -84,7 +98,7 @@ def rules_for(component, unet_config=None):
         return unet_rules(unet_config, "image", "image")
     if component == "text_unet":
         return unet_rules(unet_config, "text", "text")
-    return {"vae": VAE_RULES, "text_encoder": CLIP_RULES, "image_encoder": CLIP_RULES}[component]
+    return {"vae": VAE_RULES, "text_encoder": CLIP_RULES, "image_encoder": CLIP_RULES, "optimus": OPTIMUS_RULES}[component]
 
 
 def rename(key, rules):

@@ -4,12 +4,18 @@
     text-to-image    UNet (global + image data + text context layers), CLIP text encoder, VAE
     image-variation  UNet (global + image data + image context layers), CLIP vision encoder, VAE
     dual-guided      UNet (global + image data + text and image context layers), both CLIP encoders, VAE
+    image-to-text    UNet (global + text data + image context layers), CLIP vision encoder, Optimus
+    text-variation   UNet (global + text data + text context layers), CLIP text encoder, Optimus
 Modules are created on the `meta` device (no memory) and filled straight from the files by `weights_loader`.
 
 Folder layout accepted (Hugging Face `shi-labs/versatile-diffusion`, diffusers layout):
     model_index.json, image_unet/, text_unet/, vae/, text_encoder/, image_encoder/, tokenizer/ (vocab.json,
     merges.txt), image_feature_extractor/ (preprocessor_config.json), scheduler/ (scheduler_config.json);
     each weights folder has config.json and diffusion_pytorch_model.(safetensors|bin) or model.(safetensors)/pytorch_model.bin.
+    The text flows also need the Optimus text VAE, which the diffusers folder lacks: optimus/optimus-vae.pth (from the
+    same Hub repo's pretrained_pth/) and its vocabularies optimus/vocab.txt (bert-base-cased), optimus/vocab.json and
+    optimus/merges.txt (GPT-2); the original file names bert-base-cased-vocab.txt, gpt2-vocab.json, gpt2-merges.txt
+    are accepted too.
 """
 
 import json
@@ -21,20 +27,39 @@ import weights_loader
 
 from .clip import CLIPTextConfig, CLIPTextEncoder, CLIPVisionConfig, CLIPVisionEncoder, ImagePreprocessConfig
 from .ddim import DDIM, DDIMConfig
+from .optimus import Optimus, OptimusConfig, bert_tokenizer, gpt2_tokenizer
 from .tokenizer import CLIPTokenizer
 from .unet import FLOWS, DualContextUNet, UNetConfig
 from .vae import AutoencoderKL, VAEConfig
 
 IMAGE_FLOWS = ("text-to-image", "image-variation", "dual-guided")
+MODULES = ("text_encoder", "image_encoder", "vae", "optimus")  # everything besides the UNet
+
+
+OPTIMUS_WEIGHTS = ("optimus/optimus-vae.safetensors", "optimus/optimus-vae.pth", "pretrained_pth/optimus-vae.pth",
+                   "optimus-vae.pth")
+OPTIMUS_VOCABS = {"vocab.txt": "bert-base-cased-vocab.txt", "vocab.json": "gpt2-vocab.json", "merges.txt": "gpt2-merges.txt"}
 
 
 def flow_parts(flow):
-    """What a flow uses: (UNet data layers, UNet context layers, encoders, needs VAE)."""
+    """What a flow uses: (UNet data layers, UNet context layers, modules besides the UNet).
+
+    The modules are CLIP encoders for the conditions, then the VAE (image output) or Optimus (text output)."""
     if flow not in FLOWS:
         raise ValueError(f"unknown mode {flow!r}; choose one of {', '.join(FLOWS)}")
     data, contexts = FLOWS[flow]
-    encoders = tuple({"text": "text_encoder", "image": "image_encoder"}[c] for c in contexts)
-    return data, contexts, encoders, data == "image"
+    modules = tuple({"text": "text_encoder", "image": "image_encoder"}[c] for c in contexts)
+    return data, contexts, modules + ("vae" if data == "image" else "optimus",)
+
+
+def find_optimus(folder):
+    """(weights file or None, {vocab name: path or None}) of the Optimus text VAE in a checkpoint folder."""
+    weights = next((os.path.join(folder, p) for p in OPTIMUS_WEIGHTS if os.path.isfile(os.path.join(folder, p))), None)
+    vocabs = {}
+    for name, original in OPTIMUS_VOCABS.items():
+        candidates = [os.path.join(folder, "optimus", n) for n in (name, original)]
+        vocabs[name] = next((c for c in candidates if os.path.isfile(c)), None)
+    return weights, vocabs
 
 
 def read_json(path, what):
@@ -56,7 +81,7 @@ class VersatileDiffusion:
         self.text_config, self.vision_config = text_config, vision_config
         self.tokenizer, self.image_preprocess, self.ddim = tokenizer, image_preprocess, ddim
         self.folder, self.device, self.dtype = folder, torch.device(device), dtype
-        self.unet = self.vae = self.text_encoder = self.image_encoder = None
+        self.unet = self.vae = self.text_encoder = self.image_encoder = self.optimus = None
         self.is_demo = False
 
     # ------------------------------------------------------------------------------------------------------------
@@ -92,15 +117,24 @@ class VersatileDiffusion:
 
     def components(self):
         """The weight files this folder has (for `weights_loader check`)."""
-        return [c for c in weights_loader.COMPONENTS if os.path.isdir(os.path.join(self.folder, c))]
+        found = [c for c in weights_loader.COMPONENTS if os.path.isdir(os.path.join(self.folder, c))]
+        return found + (["optimus"] if find_optimus(self.folder)[0] else [])
 
     def _file(self, component):
         cache = self.__dict__.setdefault("_files", {})
         if component not in cache:
-            folder = os.path.join(self.folder, component)
-            if not os.path.isdir(folder):
-                raise FileNotFoundError(f"the checkpoint has no {component}/ folder, which this flow needs")
-            cache[component] = weights_loader.TensorFile(weights_loader.find_weights(folder))
+            if component == "optimus":
+                path = find_optimus(self.folder)[0]
+                if path is None:
+                    raise FileNotFoundError(
+                        f"the text flows need the Optimus text VAE, and {self.folder} has none: put optimus-vae.pth "
+                        f"(shi-labs/versatile-diffusion, pretrained_pth/) at {os.path.join(self.folder, 'optimus')}/")
+            else:
+                folder = os.path.join(self.folder, component)
+                if not os.path.isdir(folder):
+                    raise FileNotFoundError(f"the checkpoint has no {component}/ folder, which this flow needs")
+                path = weights_loader.find_weights(folder)
+            cache[component] = weights_loader.TensorFile(path)
         return cache[component]
 
     def _unet_sources(self):
@@ -113,23 +147,49 @@ class VersatileDiffusion:
             if component in ("image_unet", "text_unet"):
                 kind = component.split("_")[0]
                 module = DualContextUNet(self.unet_config, data=(kind,), context=(kind,))
+            elif component == "optimus":
+                module = self._new_optimus(tokenizers=False)
             else:
                 module = self._new(component)
         return module, [(self._file(component), weights_loader.rules_for(component, self.unet_config))]
 
     def _new(self, component):
+        if component == "optimus":
+            return self._new_optimus()
         return {
             "vae": lambda: AutoencoderKL(self.vae_config),
             "text_encoder": lambda: CLIPTextEncoder(self.text_config),
             "image_encoder": lambda: CLIPVisionEncoder(self.vision_config),
         }[component]()
 
+    def _optimus_settings(self):
+        """optimus/config.json, optional: OptimusConfig fields (e.g. head counts) or head_dim; the release has none."""
+        path = os.path.join(self.folder, "optimus", "config.json")
+        return read_json(path, "Optimus config") if os.path.isfile(path) else {}
+
+    def _new_optimus(self, tokenizers=True):
+        """An Optimus sized from its weights file's shapes, with its tokenizers."""
+        tf = self._file("optimus")
+        config = OptimusConfig.from_state_dict({k: torch.empty(tf.shape(k), device="meta") for k in tf.keys()},
+                                               head_dim=self._optimus_settings().get("head_dim", 64))
+        for key, value in self._optimus_settings().items():  # sizes no tensor shape tells (head counts)
+            if key != "head_dim":
+                setattr(config, key, value)
+        if not tokenizers:
+            return Optimus(config, None, None)
+        vocabs = find_optimus(self.folder)[1]
+        missing = [f"optimus/{name} (or {OPTIMUS_VOCABS[name]})" for name, path in vocabs.items() if path is None]
+        if missing:
+            raise FileNotFoundError(f"the Optimus vocabularies are missing from {self.folder}: {', '.join(missing)} "
+                                    "(they ship with the original code, lib/model_zoo/optimus_models/vocab/)")
+        return Optimus(config, bert_tokenizer(vocabs["vocab.txt"]), gpt2_tokenizer(vocabs["vocab.json"], vocabs["merges.txt"]))
+
     # ------------------------------------------------------------------------------------------------------------
     # Per-flow loading
 
     def prepare(self, flow, drop_unused=False):
         """Make sure every module `flow` needs is loaded; optionally free the ones it does not use."""
-        data, contexts, encoders, needs_vae = flow_parts(flow)
+        data, contexts, wanted = flow_parts(flow)
         if self.folder is None:  # the demo model is built complete in memory
             return self
         if self.unet is None:
@@ -145,8 +205,7 @@ class VersatileDiffusion:
         prefixes += [f"data.{d}." for d in new_data] + [f"context.{c}." for c in new_ctx]
         if prefixes:
             weights_loader.load_into(self.unet, self._unet_sources(), prefixes, self.device, self.dtype)
-        wanted = set(encoders) | ({"vae"} if needs_vae else set())
-        for component in ("text_encoder", "image_encoder", "vae"):
+        for component in MODULES:
             if component in wanted and getattr(self, component) is None:
                 with torch.device("meta"):
                     module = self._new(component)
@@ -169,14 +228,14 @@ class VersatileDiffusion:
         """Move every loaded module (and later loads) to device / dtype."""
         self.device = torch.device(device) if device is not None else self.device
         self.dtype = dtype or self.dtype
-        for name in ("unet", "vae", "text_encoder", "image_encoder"):
+        for name in ("unet", *MODULES):
             module = getattr(self, name)
             if module is not None:
                 module.to(device=self.device, dtype=self.dtype)
         return self
 
     def __repr__(self):
-        loaded = [n for n in ("unet", "vae", "text_encoder", "image_encoder") if getattr(self, n) is not None]
+        loaded = [n for n in ("unet", *MODULES) if getattr(self, n) is not None]
         source = "built-in tiny demo (random weights)" if self.is_demo else self.folder
         return f"VersatileDiffusion({source}, device={self.device}, dtype={self.dtype}, loaded={loaded})"
 
@@ -209,5 +268,20 @@ def demo_model(device="cpu", dtype=torch.float32, seed=0):
         model.vae = AutoencoderKL(model.vae_config).eval()
         model.text_encoder = CLIPTextEncoder(text_cfg).eval()
         model.image_encoder = CLIPVisionEncoder(vision_cfg).eval()
+        model.optimus = demo_optimus(latent_dim=unet_cfg.text_channels).eval()
     model.is_demo = True
     return model.to(device, dtype)
+
+
+def demo_optimus(latent_dim):
+    """A tiny random Optimus with tiny vocabularies trained on a built-in corpus (no download)."""
+    import tempfile
+
+    from .optimus import write_tiny_vocabs
+
+    with tempfile.TemporaryDirectory() as folder:
+        files = write_tiny_vocabs(folder)
+        bert, gpt2 = bert_tokenizer(files["vocab.txt"]), gpt2_tokenizer(files["vocab.json"], files["merges.txt"])
+    config = OptimusConfig.tiny()
+    config.latent_dim = latent_dim
+    return Optimus(config, bert, gpt2)

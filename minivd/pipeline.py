@@ -7,7 +7,7 @@ A generation is four steps, the same for every flow:
                   unconditional ones ("" / a mid-gray picture) for classifier-free guidance
     2. latents    start from Gaussian noise x_T (seeded on the CPU, like diffusers)
     3. denoise    DDIM over the UNet with the flow's data layers and context layers (minivd.ddim)
-    4. decode     the VAE turns image latents into pixels
+    4. decode     the VAE turns image latents into pixels; Optimus turns text latents (B, 768) into sentences
 """
 
 import inspect
@@ -22,7 +22,7 @@ from .model import VersatileDiffusion, demo_model, flow_parts, load
 from .unet import FLOWS
 from .vae import latents_to_images
 
-OUTPUTS = ("pil", "np", "latent")
+OUTPUTS = ("pil", "np", "latent")  # image flows; the text flows return strings ("pil"/"text") or "latent"
 
 
 def resolve_model(model, device="cpu", dtype=torch.float32):
@@ -69,7 +69,7 @@ def gray_image():
 
 
 def check_inputs(mode, prompt, image, mix_ratio, steps, num_images, height, width, output, eta, factor):
-    data, contexts, _, _ = flow_parts(mode)  # raises on an unknown mode
+    data, contexts, _ = flow_parts(mode)  # raises on an unknown mode
     if "text" in contexts and prompt is None:
         raise ValueError(f"mode {mode!r} needs a prompt (text condition)")
     if "image" in contexts and image is None:
@@ -82,8 +82,9 @@ def check_inputs(mode, prompt, image, mix_ratio, steps, num_images, height, widt
         raise ValueError(f"num_images must be an integer >= 1, got {num_images!r}")
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
-    if output not in OUTPUTS:
-        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+    allowed = OUTPUTS if data == "image" else ("text", "pil", "latent")
+    if output not in allowed:
+        raise ValueError(f"output must be one of {allowed} for {mode!r}, got {output!r}")
     if data == "image" and (height % factor or width % factor or height <= 0 or width <= 0):
         raise ValueError(f"height and width must be positive multiples of {factor}, got {height}x{width}")
 
@@ -110,13 +111,18 @@ def wants_state(callback):
 
 def generate(mode, model=None, prompt=None, negative_prompt=None, image=None, negative_image=None, mix_ratio=0.5,
              steps=50, guidance_scale=7.5, eta=0.0, height=512, width=512, seed=None, latents=None, num_images=1,
-             output="pil", callback=None, device=None, dtype=None):
+             output="pil", callback=None, device=None, dtype=None,
+             max_length=30, temperature=1.0, top_k=0, top_p=1.0, greedy=False):
     """Run one VD flow.
 
-    mode: "text-to-image" (prompt), "image-variation" (image) or "dual-guided" (prompt and image, mixed by
-    mix_ratio = the share of the text context). Returns a list of PIL images, a float32 array (B, H, W, 3) in [0, 1]
-    (output="np") or the final latents (output="latent"). With the same `latents` the result equals diffusers'
-    pipeline on the same weights; the same `seed` gives the same result on the same machine.
+    Image flows: "text-to-image" (prompt), "image-variation" (image), "dual-guided" (prompt and image, mixed by
+    mix_ratio = the share of the text context). They return a list of PIL images, a float32 array (B, H, W, 3) in
+    [0, 1] (output="np") or the final latents (B, 4, H/8, W/8) (output="latent"). With the same `latents` the result
+    equals diffusers' pipeline on the same weights; the same `seed` gives the same result on the same machine.
+
+    Text flows: "image-to-text" (image), "text-variation" (prompt). They return a list of B strings, decoded by
+    Optimus (max_length tokens, sampling with temperature / top_k / top_p from the seed, or greedy), or the final
+    768-d latents (B, 768) (output="latent") to decode or edit by hand with model.optimus.
     """
     if model is None or isinstance(model, (str, os.PathLike)):
         model = resolve_model(model, device or "cpu", dtype or torch.float32)
@@ -125,7 +131,7 @@ def generate(mode, model=None, prompt=None, negative_prompt=None, image=None, ne
     factor = 2 ** (len(model.vae_config.block_out_channels) - 1)
     check_inputs(mode, prompt, image, mix_ratio, steps, num_images, height, width, output, eta, factor)
     model.prepare(mode)
-    data, kinds, _, _ = flow_parts(mode)
+    data, kinds, _ = flow_parts(mode)
 
     # 1. contexts: one (kind, tokens (2B or B, M, Cc), ratio) per condition, rows [uncond; cond]
     guided = guidance_scale > 1.0
@@ -154,7 +160,12 @@ def generate(mode, model=None, prompt=None, negative_prompt=None, image=None, ne
     B = batch * num_images
 
     # 2. latents
-    shape = (B, model.unet_config.image_channels, height // factor, width // factor)
+    if data == "image":
+        shape = (B, model.unet_config.image_channels, height // factor, width // factor)
+    else:
+        shape = (B, model.unet_config.text_channels, 1, 1)  # the Optimus latent as a 1 x 1 "image"
+        if latents is not None and latents.dim() == 2:
+            latents = latents[:, :, None, None]
     x_T, generator = initial_latents(shape, latents, seed, model.device, model.dtype)
     if generator is None and eta > 0:
         generator = torch.Generator("cpu").manual_seed(seed) if seed is not None else None
@@ -173,6 +184,14 @@ def generate(mode, model=None, prompt=None, negative_prompt=None, image=None, ne
     x_0 = model.ddim.sample(denoiser, x_T, steps, guidance_scale, eta, generator, step_callback)
 
     # 4. decode
+    if data == "text":
+        z = x_0.flatten(1)  # (B, 768): VD's text latents are not rescaled
+        if output == "latent":
+            return z
+        if generator is None:
+            generator = torch.Generator("cpu").manual_seed(seed) if seed is not None else None
+        with torch.no_grad():
+            return model.optimus.decode(z, max_length, temperature, top_k, top_p, greedy, generator)
     if output == "latent":
         return x_0
     with torch.no_grad():

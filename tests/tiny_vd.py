@@ -15,10 +15,11 @@ TINY_UNET = dict(
 )
 
 
-def build_tiny_vd(folder, fmt="safetensors", legacy_vae=False, seed=0):
+def build_tiny_vd(folder, fmt="safetensors", legacy_vae=False, seed=0, optimus=True):
     """Write a tiny VD folder: image_unet, text_unet, vae, text_encoder, image_encoder, tokenizer,
-    image_feature_extractor, scheduler, model_index.json. fmt "bin" writes pickled .bin files; legacy_vae renames the
-    VAE attention to the old names found in the official file."""
+    image_feature_extractor, scheduler, model_index.json, and (optimus=True) optimus/optimus-vae.pth with its
+    vocabularies. fmt "bin" writes pickled .bin files; legacy_vae renames the VAE attention to the old names found in
+    the official file."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from diffusers.pipelines.deprecated.versatile_diffusion.modeling_text_unet import UNetFlatConditionModel
     from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModelWithProjection, CLIPVisionConfig,
@@ -74,6 +75,8 @@ def build_tiny_vd(folder, fmt="safetensors", legacy_vae=False, seed=0):
         os.path.join(folder, "image_feature_extractor"))
     DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                   set_alpha_to_one=False, steps_offset=1).save_pretrained(os.path.join(folder, "scheduler"))
+    if optimus:
+        write_tiny_optimus(os.path.join(folder, "optimus"), latent_dim=32, seed=seed + 100)
     with open(os.path.join(folder, "model_index.json"), "w") as f:
         json.dump({"_class_name": "VersatileDiffusionPipeline", "_diffusers_version": "0.8.0.dev0",
                    "image_unet": ["diffusers", "UNet2DConditionModel"],
@@ -83,6 +86,55 @@ def build_tiny_vd(folder, fmt="safetensors", legacy_vae=False, seed=0):
                    "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
                    "tokenizer": ["transformers", "CLIPTokenizer"],
                    "image_feature_extractor": ["transformers", "CLIPImageProcessor"]}, f, indent=2)
+    return folder
+
+
+def tiny_optimus_references(latent_dim=32, seed=0):
+    """transformers BertModel + GPT2LMHeadModel at minivd's tiny Optimus sizes, and the optimus-vae.pth state dict
+    (the original code's names: encoder.* = BERT + latent head, decoder.transformer.* = GPT-2 + linear, linear_emb)."""
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+
+    from minivd.optimus import OptimusConfig
+
+    cfg = OptimusConfig.tiny()
+    cfg.latent_dim = latent_dim
+    torch.manual_seed(seed)
+    bert = BertModel(BertConfig(
+        vocab_size=cfg.encoder_vocab_size, hidden_size=cfg.encoder_hidden, num_hidden_layers=cfg.encoder_layers,
+        num_attention_heads=cfg.encoder_heads, intermediate_size=cfg.encoder_mlp, hidden_act="gelu",
+        max_position_embeddings=cfg.encoder_positions, type_vocab_size=cfg.encoder_type_vocab,
+        layer_norm_eps=cfg.encoder_eps, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        attn_implementation="eager")).eval()
+    gpt2 = GPT2LMHeadModel(GPT2Config(
+        vocab_size=cfg.decoder_vocab_size, n_positions=cfg.decoder_positions, n_embd=cfg.decoder_hidden,
+        n_layer=cfg.decoder_layers, n_head=cfg.decoder_heads, n_inner=cfg.decoder_mlp, activation_function="gelu_new",
+        layer_norm_epsilon=cfg.decoder_eps, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        bos_token_id=None, eos_token_id=None, attn_implementation="eager")).eval()
+    with torch.no_grad():
+        for model in (bert, gpt2):
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        gpt2.transformer.wte.weight[-1] = 0  # <EOS> (last id): a neutral logit, so greedy decoding runs long
+    sd = {"encoder." + k: v.clone() for k, v in bert.state_dict().items()}
+    sd["encoder.linear.weight"] = torch.randn(2 * latent_dim, cfg.encoder_hidden) * 0.3
+    sd.update({"decoder." + k: v.clone() for k, v in gpt2.state_dict().items()})
+    sd["decoder.transformer.linear.weight"] = torch.randn(cfg.decoder_layers * cfg.decoder_hidden, latent_dim) * 0.3
+    sd["decoder.transformer.linear_emb.weight"] = torch.randn(cfg.decoder_hidden, latent_dim) * 0.3
+    n = cfg.decoder_positions
+    for i in range(cfg.decoder_layers):  # the original saves its causal-mask buffers with the weights
+        sd[f"decoder.transformer.h.{i}.attn.bias"] = torch.ones(n, n).tril().view(1, 1, n, n)
+    return bert, gpt2, sd
+
+
+def write_tiny_optimus(folder, latent_dim=32, seed=0):
+    from minivd.optimus import write_tiny_vocabs
+
+    os.makedirs(folder, exist_ok=True)
+    write_tiny_vocabs(folder)
+    _, _, sd = tiny_optimus_references(latent_dim, seed)
+    torch.save(sd, os.path.join(folder, "optimus-vae.pth"))
+    with open(os.path.join(folder, "config.json"), "w") as f:  # head counts: not in any tensor shape
+        json.dump({"head_dim": 8}, f)
     return folder
 
 
