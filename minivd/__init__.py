@@ -6,7 +6,7 @@
 """
 
 from .model import VersatileDiffusion, demo_model, load
-from .pipeline import generate
+from .pipeline import MODES, edit_image, generate
 from .unet import FLOWS
 
-__all__ = ["FLOWS", "VersatileDiffusion", "demo_model", "generate", "load"]
+__all__ = ["FLOWS", "MODES", "VersatileDiffusion", "demo_model", "edit_image", "generate", "load"]

@@ -206,8 +206,11 @@ class CLIPVisionEncoder(nn.Module):
         self.post_layernorm = nn.LayerNorm(C, eps=cfg.layer_norm_eps)
         self.visual_projection = nn.Linear(C, cfg.projection_dim, bias=False)
 
-    def forward(self, pixel_values):
-        """pixel_values: (B, 3, S, S) from `preprocess`, S = image_size -> context (B, N, P), N = 1 + (S/patch)^2."""
+    def forward(self, pixel_values, token_weights=None):
+        """pixel_values: (B, 3, S, S) from `preprocess`, S = image_size -> context (B, N, P), N = 1 + (S/patch)^2.
+
+        token_weights: optional (N,) or (B, N) weights of the input embeddings (a mask over the patches, as the
+        original's multi-context blending applies it; see minivd.extensions.mask_token_weights)."""
         cfg = self.config
         want = f"(B, {cfg.num_channels}, {cfg.image_size}, {cfg.image_size})"
         if not isinstance(pixel_values, torch.Tensor):
@@ -220,6 +223,8 @@ class CLIPVisionEncoder(nn.Module):
         patches = patches.flatten(2).transpose(1, 2)  # (B, C, g, g) -> (B, g*g, C)
         class_token = self.class_embedding.expand(B, 1, -1)  # (B, 1, C)
         x = torch.cat([class_token, patches], dim=1) + self.position_embedding.weight  # (B, N, C)
+        if token_weights is not None:
+            x = x * token_weights.to(x).view(-1, x.shape[1], 1)  # (B or 1, N, 1) broadcasts over C
         x = self.pre_layernorm(x)
         for layer in self.layers:
             x = layer(x)
