@@ -3,6 +3,10 @@
     python -m minivd text-to-image "a red fox in the snow" --out fox.png
     python -m minivd image-variation --image fox.png --out variation.png
     python -m minivd dual-guided "a watercolor painting" --image fox.png --mix-ratio 0.7 --out dual.png
+    python -m minivd multi-context --image a.png --image b.png --image-weights 1 0.5 --focus 0.7 --out blend.png
+    python -m minivd image-to-text --image fox.png --num-images 3
+    python -m minivd text-variation "a red fox in the snow" --num-images 3
+    python -m minivd edit --image fox.png --remove "a fox" --add "a cat" --out edit.png
 
 Without --weights (or $MINIVD_WEIGHTS) it runs the built-in tiny demo model: random weights, no download.
 """
@@ -15,9 +19,9 @@ import time
 import torch
 from PIL import Image
 
-from . import generate, load
+from . import edit_image, generate, load
 from .model import demo_model
-from .unet import FLOWS
+from .pipeline import MODES
 
 DEMO_WARNING = """\
 ****************************************************************************************************
@@ -42,9 +46,16 @@ def progress(total):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m minivd", description="Versatile Diffusion in plain PyTorch.")
-    parser.add_argument("mode", choices=list(FLOWS), help="the flow to run")
+    parser.add_argument("mode", choices=[*MODES, "edit"], help="the flow to run (edit: image -> text -> image editing)")
     parser.add_argument("prompt", nargs="?", default=None, help="text condition")
-    parser.add_argument("--image", help="image condition (a file)")
+    parser.add_argument("--image", action="append", help="image condition (a file); multi-context: repeat it")
+    parser.add_argument("--image-weights", type=float, nargs="+", help="multi-context: one weight per --image")
+    parser.add_argument("--focus", type=float, default=0.5, help="0 semantics ... 0.5 unchanged ... 1 style")
+    parser.add_argument("--fidelity", type=float, default=0.0, help="image-variation: 0 from noise ... 1 the input")
+    parser.add_argument("--colour-adjust", action="store_true", help="match the output's colours to the input image")
+    parser.add_argument("--remove", help="edit: what to remove from the image's caption")
+    parser.add_argument("--add", help="edit: what to add to it")
+    parser.add_argument("--greedy", action="store_true", help="text flows: greedy decoding instead of sampling")
     parser.add_argument("--negative-prompt", default=None)
     parser.add_argument("--negative-image", default=None, help="file of the image to steer away from")
     parser.add_argument("--mix-ratio", type=float, default=0.5, help="dual-guided: share of the text context")
@@ -62,6 +73,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     open_image = lambda path: Image.open(path).convert("RGB") if path else None
+    images = [open_image(p) for p in args.image or []]
     dtype = getattr(torch, args.dtype)
     start = time.time()
     if args.weights:
@@ -69,12 +81,27 @@ def main(argv=None):
     else:
         print(DEMO_WARNING, file=sys.stderr)
         model = demo_model(args.device, dtype)
-    result = generate(
-        args.mode, model=model, prompt=args.prompt, negative_prompt=args.negative_prompt,
-        image=open_image(args.image), negative_image=open_image(args.negative_image), mix_ratio=args.mix_ratio,
-        steps=args.steps, guidance_scale=args.guidance_scale, eta=args.eta, height=args.height, width=args.width,
-        seed=args.seed, num_images=args.num_images, callback=progress(args.steps),
-    )
+    if args.mode == "edit":
+        if not images:
+            raise ValueError("edit needs --image")
+        result, sentence = edit_image(images[0], model=model, remove=args.remove, add=args.add, steps=args.steps,
+                                      guidance_scale=args.guidance_scale, seed=args.seed, height=args.height,
+                                      width=args.width)
+        print(f"edited caption: {sentence}")
+    else:
+        image = images if args.mode == "multi-context" else (images[0] if len(images) == 1 else images or None)
+        result = generate(
+            args.mode, model=model, prompt=args.prompt, negative_prompt=args.negative_prompt, image=image,
+            negative_image=open_image(args.negative_image), mix_ratio=args.mix_ratio, steps=args.steps,
+            guidance_scale=args.guidance_scale, eta=args.eta, height=args.height, width=args.width, seed=args.seed,
+            num_images=args.num_images, callback=progress(args.steps), focus=args.focus, fidelity=args.fidelity,
+            colour_adjust=args.colour_adjust, weights=args.image_weights, greedy=args.greedy,
+        )
+    if result and isinstance(result[0], str):  # the text flows
+        for text in result:
+            print(text)
+        print(f"done in {time.time() - start:.1f}s", file=sys.stderr)
+        return 0
     stem, ext = os.path.splitext(args.out)
     for i, item in enumerate(result):
         path = args.out if len(result) == 1 else f"{stem}-{i}{ext or '.png'}"
