@@ -1,11 +1,19 @@
 """Load the official Versatile Diffusion weights into minivd by key mapping, and check or convert checkpoint folders.
 
     python weights_loader.py check PATH                          # every missing, unexpected or mis-shaped tensor
-    python weights_loader.py convert SRC DST [--dtype float16]   # pickled .bin -> .safetensors, same official keys
+    python weights_loader.py convert SRC DST [--dtype float16]   # pickled .bin/.pth -> .safetensors, same keys
 
-The official folder (Hugging Face `shi-labs/versatile-diffusion`, diffusers layout) holds one subfolder per component.
+Two folder layouts are read (`minivd.model` describes them, `minivd.model.detect_layout` tells them apart):
+    diffusers  Hugging Face `shi-labs/versatile-diffusion`: one subfolder per component, diffusers/transformers names
+    original   the SHI-Labs release: vd-four-flow-v1-0.pth (the whole dual-context UNet), kl-f8.pth (LDM names),
+               an openai/clip-vit-large-patch14 folder (one transformers CLIPModel file holds both CLIP towers)
+and in both, optimus-vae.pth (the Optimus text VAE, the original code's names).
+
 Each file's keys are renamed to minivd's module names by a short ordered list of regex rules (`rules_for`), applied in
-order with re.sub; a rule whose replacement is None drops the key. Files are read as raw tensors only: safetensors
+order with re.sub (a replacement may be a function of the match, for computed block numbers); a rule whose
+replacement is None drops the key. A file tensor must have the shape of the parameter it fills, except that extra
+trailing dimensions of size 1 are allowed and removed as it is read: the LDM VAE stores its attention projections
+as 1x1 convs (C, C, 1, 1) where minivd has Linear weights (C, C). Files are read as raw tensors only: safetensors
 when present, otherwise a pickle through `torch.load(weights_only=True)`, which refuses anything but tensors.
 """
 
@@ -18,7 +26,7 @@ import sys
 
 import torch
 
-# component -> (subfolder, minivd attribute). The UNet's two files fill one module with different layer sets.
+# diffusers layout: component subfolder -> minivd attribute. The two UNet files fill one module's layer sets.
 COMPONENTS = {
     "image_unet": "unet",
     "text_unet": "unet",
@@ -47,6 +55,10 @@ CLIP_RULES = [  # transformers CLIP*ModelWithProjection -> minivd.clip (one flat
     (r"^pre_layrnorm\.", "pre_layernorm."),  # transformers' spelling
     (r"\.self_attn\.(q|k|v|out)_proj\.", r".self_attn.to_\1."),
 ]
+CLIP_MODEL_RULES = {  # a transformers CLIPModel file (openai/clip-vit-large-patch14) holds both towers: keep one
+    "text_encoder": [(r"^(vision_model|visual_projection)\.|^logit_scale$", None), *CLIP_RULES],
+    "image_encoder": [(r"^(text_model|text_projection)\.|^logit_scale$", None), *CLIP_RULES],
+}
 OPTIMUS_RULES = [  # optimus-vae.pth (the original code's module names) -> minivd.optimus.Optimus
     (r"^decoder\.transformer\.h\.\d+\.attn\.bias$", None),  # a causal-mask buffer saved with the weights
     (r"^decoder\.lm_head\.weight$", None),  # tied to decoder.transformer.wte.weight
@@ -93,12 +105,65 @@ def unet_rules(cfg, data, context):
     ]
 
 
-def rules_for(component, unet_config=None):
-    if component == "image_unet":
-        return unet_rules(unet_config, "image", "image")
-    if component == "text_unet":
-        return unet_rules(unet_config, "text", "text")
-    return {"vae": VAE_RULES, "text_encoder": CLIP_RULES, "image_encoder": CLIP_RULES, "optimus": OPTIMUS_RULES}[component]
+# Original layout: the module names of the SHI-Labs code (lib/model_zoo/openaimodel.py UNetModel2D_Next and
+# UNetModel0D_Next, attention.py SpatialTransformer, autokl_modules.py Encoder/Decoder), saved from its VD model, whose
+# ModuleDict `diffuser` holds "image" (global + data + context layers) and "text" (data + context layers).
+ORIGINAL_UNET_RULES = [  # vd-four-flow-v1-0.pth -> minivd DualContextUNet (both data and both context layer sets)
+    (r"^(?!diffuser\.)", None),  # other parts a file may carry (vae.*, ctx.*): minivd reads them from their own files
+    (r"^diffuser\.text\.time_embed\.", None),  # the global layers are the image UNet's (global_layer_ptr: image)
+    (r"^diffuser\.image\.time_embed\.0\.", "time_embed.linear_1."),  # Sequential(Linear, SiLU, Linear)
+    (r"^diffuser\.image\.time_embed\.2\.", "time_embed.linear_2."),
+    (r"^diffuser\.(image|text)\.data_blocks\.(\d+)\.0\.", r"data.\1.blocks.\2."),  # each block is wrapped: .N.0.
+    (r"^diffuser\.(image|text)\.context_blocks\.(\d+)\.0\.", r"context.\1.blocks.\2."),
+    (r"^(data\.\w+\.blocks\.\d+\.)0\.", r"\1norm."),  # the out block: Sequential(GroupNorm, SiLU, conv | Linear)
+    (r"^(data\.\w+\.blocks\.\d+\.)2\.", r"\1proj."),
+    (r"\.in_layers\.0\.", ".norm1."),  # ResBlock: in_layers (GN, SiLU, conv), emb_layers (SiLU, Linear),
+    (r"\.in_layers\.2\.", ".conv1."),  # out_layers (GN, SiLU, Dropout, conv), skip_connection
+    (r"\.emb_layers\.1\.", ".time_emb_proj."),
+    (r"\.out_layers\.0\.", ".norm2."),
+    (r"\.out_layers\.3\.", ".conv2."),
+    (r"\.skip_connection\.", ".conv_shortcut."),
+    (r"\.op\.", ".conv."),  # Downsample
+    *CONTEXT_BLOCK_RULES,  # SpatialTransformer has the inner names of diffusers' Transformer2DModel
+]
+
+
+def ldm_vae_rules(levels):
+    """kl-f8.pth (LDM AutoencoderKL names) -> minivd.vae.AutoencoderKL. The LDM decoder numbers its levels by
+    resolution (up.0 = full size, run last), minivd in execution order (up_blocks.0 = lowest resolution)."""
+    up = lambda m: f".up_blocks.{levels - 1 - int(m[1])}."
+    return [
+        (r"^loss\.", None),  # LDM training checkpoints also hold the LPIPS/discriminator loss
+        (r"\.down\.(\d+)\.block\.", r".down_blocks.\1.resnets."),
+        (r"\.down\.(\d+)\.downsample\.", r".down_blocks.\1.downsamplers.0."),
+        (r"\.up\.(\d+)\.block\.", lambda m: up(m) + "resnets."),
+        (r"\.up\.(\d+)\.upsample\.", lambda m: up(m) + "upsamplers.0."),
+        (r"\.mid\.block_([12])\.", lambda m: f".mid_block.resnets.{int(m[1]) - 1}."),
+        (r"\.mid\.attn_1\.norm\.", ".mid_block.attentions.0.group_norm."),
+        (r"\.mid\.attn_1\.(q|k|v)\.", r".mid_block.attentions.0.to_\1."),  # 1x1 convs (C, C, 1, 1), read as (C, C)
+        (r"\.mid\.attn_1\.proj_out\.", ".mid_block.attentions.0.to_out."),
+        (r"\.nin_shortcut\.", ".conv_shortcut."),
+        (r"\.norm_out\.", ".conv_norm_out."),
+    ]
+
+
+def rules_for(component, unet_config=None, layout="diffusers", vae_config=None):
+    """The rename rules of one component's file in a folder layout. The diffusers UNet rules need the UNet config
+    (block numbers), the original VAE rules the VAE config (number of levels)."""
+    if layout == "diffusers" and component in ("image_unet", "text_unet"):
+        kind = component.split("_")[0]
+        return unet_rules(unet_config, kind, kind)
+    if layout == "original" and component == "vae":
+        from minivd.vae import VAEConfig
+
+        return ldm_vae_rules(len((vae_config or VAEConfig()).block_out_channels))
+    rules = {
+        "diffusers": {"vae": VAE_RULES, "text_encoder": CLIP_RULES, "image_encoder": CLIP_RULES, "optimus": OPTIMUS_RULES},
+        "original": {"unet": ORIGINAL_UNET_RULES, **CLIP_MODEL_RULES, "optimus": OPTIMUS_RULES},
+    }
+    if component not in rules.get(layout, {}):
+        raise ValueError(f"no weights component {component!r} in the {layout!r} layout")
+    return rules[layout][component]
 
 
 def rename(key, rules):
@@ -190,11 +255,13 @@ def plan(module, files_and_rules, prefixes=None):
     """Match file keys to module parameters without reading data.
 
     Returns (sources, problems): sources maps each minivd key to (TensorFile, official key); problems lists
-    missing, unexpected and mis-shaped tensors as readable lines. `prefixes` restricts both sides to the minivd keys
-    starting with one of them (the layer sets a flow needs).
+    missing, unexpected and mis-shaped tensors as readable lines. A file tensor fits a parameter if the shapes are
+    equal or differ only by trailing dimensions of size 1 in the file (1x1 convs read as Linear weights).
+    `prefixes` restricts both sides to the minivd keys starting with one of them (the layer sets a flow needs).
     """
     wanted = lambda k: prefixes is None or k.startswith(tuple(prefixes))
     expected = {k: tuple(v.shape) for k, v in module.state_dict(keep_vars=True).items() if wanted(k)}
+    fits = lambda shape, want: shape[: len(want)] == want and all(d == 1 for d in shape[len(want):])
     sources, problems = {}, []
     for tf, rules in files_and_rules:
         for key in tf.keys():
@@ -204,7 +271,7 @@ def plan(module, files_and_rules, prefixes=None):
             if name not in expected:
                 problems.append(f"unexpected tensor {key!r} in {tf.path} (maps to {name!r}, which minivd does not have)")
                 continue
-            if tf.shape(key) != expected[name]:
+            if not fits(tuple(tf.shape(key)), expected[name]):  # equal, or equal plus trailing 1s (1x1 convs)
                 problems.append(f"mis-shaped tensor {key!r} in {tf.path}: {list(tf.shape(key))}, minivd expects {list(expected[name])}")
             sources.setdefault(name, (tf, key))
     for name in expected:
@@ -225,7 +292,8 @@ def load_into(module, files_and_rules, prefixes=None, device="cpu", dtype=None):
     sources, problems = plan(module, files_and_rules, prefixes)
     if problems:
         raise ValueError("the checkpoint does not match minivd's modules:\n  " + summarize(problems))
-    state = {name: tf.get(key, device, dtype) for name, (tf, key) in sources.items()}
+    shapes = {k: v.shape for k, v in module.state_dict(keep_vars=True).items()}  # (C, C, 1, 1) files -> (C, C)
+    state = {name: tf.get(key, device, dtype).reshape(shapes[name]) for name, (tf, key) in sources.items()}
     module.load_state_dict(state, strict=False, assign=True)
     return module
 
@@ -253,8 +321,19 @@ def check(path, model=None):
     return problems
 
 
+PICKLES = (".bin", ".pth")
+
+
+def safetensors_name(name):
+    """The name a pickled weights file gets as safetensors: the one the loaders look for first."""
+    if name == "pytorch_model.bin":
+        return "model.safetensors"  # transformers' two names for one model
+    return name.rsplit(".", 1)[0] + ".safetensors"
+
+
 def convert(src, dst, dtype=None):
-    """Copy a checkpoint folder, rewriting every pickled .bin as .safetensors with the same official keys."""
+    """Copy a checkpoint folder (either layout), rewriting every pickled .bin/.pth as .safetensors with the same keys
+    (or copying the safetensors twin a folder already has, as openai/clip-vit-large-patch14 does)."""
     import shutil
 
     from safetensors.torch import save_file
@@ -264,10 +343,12 @@ def convert(src, dst, dtype=None):
         os.makedirs(out_dir, exist_ok=True)
         for name in files:
             source = os.path.join(root, name)
-            if name.endswith(".bin"):
+            if name.endswith(PICKLES) and safetensors_name(name) in files:
+                continue  # the folder has the same weights as safetensors already
+            if name.endswith(PICKLES):
                 sd = load_pickle(source)
                 sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous().clone() for k, v in sd.items()}
-                target = os.path.join(out_dir, name[: -len(".bin")] + ".safetensors")
+                target = os.path.join(out_dir, safetensors_name(name))
                 save_file(sd, target, metadata={"format": "pt"})
                 print(f"{source} -> {target} ({len(sd)} tensors)")
             elif name.endswith(".safetensors") and dtype is not None:
@@ -282,7 +363,7 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("check", help="report missing, unexpected or mis-shaped tensors; exit 1 if any")
     p.add_argument("path")
-    p = sub.add_parser("convert", help="rewrite pickled .bin files as .safetensors (same official key names)")
+    p = sub.add_parser("convert", help="rewrite pickled .bin/.pth files as .safetensors (same key names)")
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)

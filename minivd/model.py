@@ -8,18 +8,34 @@
     text-variation   UNet (global + text data + text context layers), CLIP text encoder, Optimus
 Modules are created on the `meta` device (no memory) and filled straight from the files by `weights_loader`.
 
-Folder layout accepted (Hugging Face `shi-labs/versatile-diffusion`, diffusers layout):
+Two folder layouts are accepted; `detect_layout` tells them apart (a folder with both is read as diffusers).
+
+diffusers layout (Hugging Face `shi-labs/versatile-diffusion`):
     model_index.json, image_unet/, text_unet/, vae/, text_encoder/, image_encoder/, tokenizer/ (vocab.json,
     merges.txt), image_feature_extractor/ (preprocessor_config.json), scheduler/ (scheduler_config.json);
-    each weights folder has config.json and diffusion_pytorch_model.(safetensors|bin) or model.(safetensors)/pytorch_model.bin.
-    The text flows also need the Optimus text VAE, which the diffusers folder lacks: optimus/optimus-vae.pth (from the
-    same Hub repo's pretrained_pth/) and its vocabularies optimus/vocab.txt (bert-base-cased), optimus/vocab.json and
-    optimus/merges.txt (GPT-2); the original file names bert-base-cased-vocab.txt, gpt2-vocab.json, gpt2-merges.txt
-    are accepted too.
+    each weights folder has config.json and diffusion_pytorch_model.(safetensors|bin) or model.safetensors /
+    pytorch_model.bin.
+
+original layout (the files the SHI-Labs code reads; the Hub repo's pretrained_pth/ folder and openai's CLIP):
+    [pretrained_pth/]vd-four-flow-v1-0.pth   the whole dual-context UNet (or vd-four-flow-v1-0-fp16.pth)
+    [pretrained_pth/]kl-f8.pth                the image VAE, LDM names
+    clip-vit-large-patch14/                   the openai/clip-vit-large-patch14 transformers folder: config.json
+                                              (a CLIPModel config), model.safetensors or pytorch_model.bin (both
+                                              towers in one file), vocab.json, merges.txt, preprocessor_config.json
+    config.json (optional)                    minivd sizes for non-standard checkpoints, {"unet": {UNetConfig
+                                              fields}, "vae": {VAEConfig fields}}; VD's sizes otherwise
+    The sampler is VD's DDIM (the `DDIMConfig` defaults). Each .pth may be replaced by a .safetensors of the same
+    name and keys (`python weights_loader.py convert`); safetensors is read first, and fp32 before -fp16.
+
+Both layouts: the text flows also need the Optimus text VAE, which the diffusers folder lacks: optimus-vae.pth
+(the Hub repo's pretrained_pth/) in optimus/, pretrained_pth/ or the folder itself, and its vocabularies in
+optimus/: vocab.txt (bert-base-cased), vocab.json and merges.txt (GPT-2), or their original names
+bert-base-cased-vocab.txt, gpt2-vocab.json, gpt2-merges.txt (lib/model_zoo/optimus_models/vocab/ of the code).
 """
 
 import json
 import os
+from dataclasses import fields
 
 import torch
 
@@ -35,9 +51,10 @@ from .vae import AutoencoderKL, VAEConfig
 IMAGE_FLOWS = ("text-to-image", "image-variation", "dual-guided")
 MODULES = ("text_encoder", "image_encoder", "vae", "optimus")  # everything besides the UNet
 
-
-OPTIMUS_WEIGHTS = ("optimus/optimus-vae.safetensors", "optimus/optimus-vae.pth", "pretrained_pth/optimus-vae.pth",
-                   "optimus-vae.pth")
+UNET_FILES = {"diffusers": ("image_unet", "text_unet"), "original": ("unet",)}  # the UNet's weight components
+ORIGINAL_FILES = {"unet": ("vd-four-flow-v1-0", "vd-four-flow-v1-0-fp16"), "vae": ("kl-f8",)}  # names, no extension
+CLIP_FOLDER = "clip-vit-large-patch14"
+WEIGHT_EXTENSIONS = (".safetensors", ".pth")
 OPTIMUS_VOCABS = {"vocab.txt": "bert-base-cased-vocab.txt", "vocab.json": "gpt2-vocab.json", "merges.txt": "gpt2-merges.txt"}
 
 
@@ -52,14 +69,40 @@ def flow_parts(flow):
     return data, contexts, modules + ("vae" if data == "image" else "optimus",)
 
 
+def find_file(folder, names, subfolders=("", "pretrained_pth")):
+    """The first of folder/subfolder/name.(safetensors|pth) that exists, trying `names` in order; None if none."""
+    for name in names:
+        for ext in WEIGHT_EXTENSIONS:
+            for sub in subfolders:
+                path = os.path.join(folder, sub, name + ext)
+                if os.path.isfile(path):
+                    return path
+    return None
+
+
 def find_optimus(folder):
     """(weights file or None, {vocab name: path or None}) of the Optimus text VAE in a checkpoint folder."""
-    weights = next((os.path.join(folder, p) for p in OPTIMUS_WEIGHTS if os.path.isfile(os.path.join(folder, p))), None)
+    weights = find_file(folder, ("optimus-vae",), ("optimus", "pretrained_pth", ""))
     vocabs = {}
     for name, original in OPTIMUS_VOCABS.items():
         candidates = [os.path.join(folder, "optimus", n) for n in (name, original)]
         vocabs[name] = next((c for c in candidates if os.path.isfile(c)), None)
     return weights, vocabs
+
+
+def detect_layout(folder):
+    """"diffusers" (image_unet/ or text_unet/ present) or "original" (a vd-four-flow-v1-0 file present)."""
+    if any(os.path.isdir(os.path.join(folder, sub)) for sub in UNET_FILES["diffusers"]):
+        return "diffusers"
+    if find_file(folder, ORIGINAL_FILES["unet"]) is not None:
+        return "original"
+    raise ValueError(
+        f"{folder} is not a Versatile Diffusion checkpoint folder. minivd reads two layouts:\n"
+        "  diffusers layout (Hugging Face shi-labs/versatile-diffusion): image_unet/, text_unet/, vae/, text_encoder/, "
+        "image_encoder/, tokenizer/, image_feature_extractor/, scheduler/\n"
+        "  original layout (SHI-Labs code): [pretrained_pth/]vd-four-flow-v1-0.pth (or -fp16, or .safetensors), "
+        f"[pretrained_pth/]kl-f8.pth, {CLIP_FOLDER}/ (openai's transformers folder)\n"
+        "  (see minivd/model.py for both)")
 
 
 def read_json(path, what):
@@ -72,86 +115,159 @@ def read_json(path, what):
             raise ValueError(f"{path} is not valid JSON: {e}") from e
 
 
+def config_from_fields(cls, values, where):
+    """A config dataclass from a dict of some of its fields (the rest keep VD's defaults); JSON lists become
+    tuples where the field is a tuple. Unknown fields are an error."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{where} must be a JSON object of {cls.__name__} fields, got {type(values).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown {cls.__name__} fields {unknown}; known: {sorted(known)}")
+    defaults = cls()
+    return cls(**{k: tuple(v) if isinstance(getattr(defaults, k), tuple) and isinstance(v, list) else v
+                  for k, v in values.items()})
+
+
+def clip_tower_config(config, tower):
+    """The "text_config" / "vision_config" of a transformers CLIPModel config.json as transformers reads it: updated
+    by the "text_config_dict" / "vision_config_dict" that older files (openai's) also carry, with the model's
+    projection_dim (CLIPModel sizes both projections by the top-level value). A one-tower config is returned as is."""
+    sub = {**config.get(f"{tower}_config", config), **config.get(f"{tower}_config_dict", {})}
+    if "projection_dim" in config:
+        sub["projection_dim"] = config["projection_dim"]
+    return sub
+
+
+def diffusers_configs(folder):
+    """Configs, tokenizer and sampler of a diffusers-layout folder, from its config files."""
+    sub = lambda *p: os.path.join(folder, *p)
+    image_unet = read_json(sub("image_unet", "config.json"), "image UNet config") if os.path.isdir(sub("image_unet")) else None
+    text_unet = read_json(sub("text_unet", "config.json"), "text UNet config") if os.path.isdir(sub("text_unet")) else None
+    scheduler = sub("scheduler", "scheduler_config.json")
+    return dict(
+        unet_config=UNetConfig.from_hf_config(image_unet, text_unet),
+        vae_config=VAEConfig.from_hf_config(read_json(sub("vae", "config.json"), "VAE config")),
+        text_config=CLIPTextConfig.from_hf_config(read_json(sub("text_encoder", "config.json"), "CLIP text config")),
+        vision_config=CLIPVisionConfig.from_hf_config(read_json(sub("image_encoder", "config.json"), "CLIP vision config")),
+        tokenizer=CLIPTokenizer.from_folder(sub("tokenizer")),
+        image_preprocess=ImagePreprocessConfig.from_hf_config(
+            read_json(sub("image_feature_extractor", "preprocessor_config.json"), "image preprocessor config")),
+        ddim=DDIM(DDIMConfig.from_hf_config(read_json(scheduler, "scheduler config")) if os.path.isfile(scheduler) else None),
+    )
+
+
+def original_configs(folder):
+    """Configs, tokenizer and sampler of an original-layout folder: UNet and VAE sizes from the optional minivd
+    config.json (VD's otherwise), CLIP's from the openai folder, VD's DDIM."""
+    path = os.path.join(folder, "config.json")
+    sizes = read_json(path, "minivd config") if os.path.isfile(path) else {}
+    if not isinstance(sizes, dict) or set(sizes) - {"unet", "vae"}:
+        raise ValueError(f"{path} must be a JSON object with the keys 'unet' and/or 'vae' (minivd sizes)")
+    clip = os.path.join(folder, CLIP_FOLDER)
+    if not os.path.isdir(clip):
+        raise FileNotFoundError(f"the original layout needs the CLIP folder {clip}/ (a download of openai/{CLIP_FOLDER}: "
+                                "config.json, model.safetensors or pytorch_model.bin, vocab.json, merges.txt, "
+                                "preprocessor_config.json)")
+    clip_config = read_json(os.path.join(clip, "config.json"), "CLIP config")
+    return dict(
+        unet_config=config_from_fields(UNetConfig, sizes.get("unet", {}), f"{path} 'unet'"),
+        vae_config=config_from_fields(VAEConfig, sizes.get("vae", {}), f"{path} 'vae'"),
+        text_config=CLIPTextConfig.from_hf_config(clip_tower_config(clip_config, "text")),
+        vision_config=CLIPVisionConfig.from_hf_config(clip_tower_config(clip_config, "vision")),
+        tokenizer=CLIPTokenizer.from_folder(clip),
+        image_preprocess=ImagePreprocessConfig.from_hf_config(
+            read_json(os.path.join(clip, "preprocessor_config.json"), "CLIP image preprocessor config")),
+        ddim=DDIM(),
+    )
+
+
 class VersatileDiffusion:
     """Configs, tokenizer and sampler always; the networks (unet, vae, text_encoder, image_encoder) on demand."""
 
     def __init__(self, unet_config, vae_config, text_config, vision_config, tokenizer, image_preprocess, ddim,
-                 folder=None, device="cpu", dtype=torch.float32):
+                 folder=None, device="cpu", dtype=torch.float32, layout="diffusers"):
         self.unet_config, self.vae_config = unet_config, vae_config
         self.text_config, self.vision_config = text_config, vision_config
         self.tokenizer, self.image_preprocess, self.ddim = tokenizer, image_preprocess, ddim
-        self.folder, self.device, self.dtype = folder, torch.device(device), dtype
+        self.folder, self.layout, self.device, self.dtype = folder, layout, torch.device(device), dtype
         self.unet = self.vae = self.text_encoder = self.image_encoder = self.optimus = None
         self.is_demo = False
+        self._files = {}  # path -> weights_loader.TensorFile, opened once (both CLIP towers share one file)
 
     # ------------------------------------------------------------------------------------------------------------
     # Construction
 
     @classmethod
     def from_folder(cls, folder, device="cpu", dtype=torch.float32):
-        """Read configs, tokenizer and scheduler of an official folder; the weights are read later, per flow."""
+        """Read configs, tokenizer and scheduler of a checkpoint folder in either layout; the weights are read
+        later, per flow."""
         folder = os.fspath(folder)
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"no such checkpoint folder: {folder}")
-        if not any(os.path.isdir(os.path.join(folder, sub)) for sub in ("image_unet", "text_unet")):
-            raise ValueError(
-                f"{folder} is not a Versatile Diffusion checkpoint folder: expected the diffusers layout of "
-                "shi-labs/versatile-diffusion (image_unet/, text_unet/, vae/, text_encoder/, image_encoder/, tokenizer/, ...)"
-            )
-        sub = lambda *p: os.path.join(folder, *p)
-        image_unet = read_json(sub("image_unet", "config.json"), "image UNet config") if os.path.isdir(sub("image_unet")) else None
-        text_unet = read_json(sub("text_unet", "config.json"), "text UNet config") if os.path.isdir(sub("text_unet")) else None
-        scheduler = sub("scheduler", "scheduler_config.json")
-        model = cls(
-            unet_config=UNetConfig.from_hf_config(image_unet, text_unet),
-            vae_config=VAEConfig.from_hf_config(read_json(sub("vae", "config.json"), "VAE config")),
-            text_config=CLIPTextConfig.from_hf_config(read_json(sub("text_encoder", "config.json"), "CLIP text config")),
-            vision_config=CLIPVisionConfig.from_hf_config(read_json(sub("image_encoder", "config.json"), "CLIP vision config")),
-            tokenizer=CLIPTokenizer.from_folder(sub("tokenizer")),
-            image_preprocess=ImagePreprocessConfig.from_hf_config(
-                read_json(sub("image_feature_extractor", "preprocessor_config.json"), "image preprocessor config")),
-            ddim=DDIM(DDIMConfig.from_hf_config(read_json(scheduler, "scheduler config")) if os.path.isfile(scheduler) else None),
-            folder=folder, device=device, dtype=dtype,
-        )
-        return model
+        layout = detect_layout(folder)
+        configs = diffusers_configs(folder) if layout == "diffusers" else original_configs(folder)
+        context_dim = configs["unet_config"].context_dim
+        for clip in ("text_config", "vision_config"):
+            if configs[clip].projection_dim != context_dim:
+                raise ValueError(f"{folder}: the CLIP {clip.split('_')[0]} projection_dim "
+                                 f"{configs[clip].projection_dim} differs from the UNet's context_dim {context_dim}")
+        return cls(**configs, folder=folder, device=device, dtype=dtype, layout=layout)
 
     def components(self):
-        """The weight files this folder has (for `weights_loader check`)."""
-        found = [c for c in weights_loader.COMPONENTS if os.path.isdir(os.path.join(self.folder, c))]
+        """The weight components of this folder (for `weights_loader check`): the UNet file(s), the VAE, the CLIP
+        towers, and Optimus if present. In the diffusers layout, the component folders present."""
+        if self.layout == "diffusers":
+            found = [c for c in weights_loader.COMPONENTS if os.path.isdir(os.path.join(self.folder, c))]
+        else:
+            found = ["unet", "vae", "text_encoder", "image_encoder"]
         return found + (["optimus"] if find_optimus(self.folder)[0] else [])
 
-    def _file(self, component):
-        cache = self.__dict__.setdefault("_files", {})
-        if component not in cache:
-            if component == "optimus":
-                path = find_optimus(self.folder)[0]
-                if path is None:
-                    raise FileNotFoundError(
-                        f"the text flows need the Optimus text VAE, and {self.folder} has none: put optimus-vae.pth "
-                        f"(shi-labs/versatile-diffusion, pretrained_pth/) at {os.path.join(self.folder, 'optimus')}/")
-            else:
-                folder = os.path.join(self.folder, component)
-                if not os.path.isdir(folder):
-                    raise FileNotFoundError(f"the checkpoint has no {component}/ folder, which this flow needs")
-                path = weights_loader.find_weights(folder)
-            cache[component] = weights_loader.TensorFile(path)
-        return cache[component]
+    def weights_path(self, component):
+        """The file holding one component's weights; FileNotFoundError naming what is missing."""
+        if component == "optimus":
+            path = find_optimus(self.folder)[0]
+            if path is None:
+                raise FileNotFoundError(
+                    f"the text flows need the Optimus text VAE, and {self.folder} has none: put optimus-vae.pth "
+                    f"(shi-labs/versatile-diffusion, pretrained_pth/) at {os.path.join(self.folder, 'optimus')}/")
+            return path
+        if self.layout == "diffusers":
+            folder = os.path.join(self.folder, component)
+            if not os.path.isdir(folder):
+                raise FileNotFoundError(f"the checkpoint has no {component}/ folder, which this flow needs")
+            return weights_loader.find_weights(folder)
+        if component in ("text_encoder", "image_encoder"):
+            return weights_loader.find_weights(os.path.join(self.folder, CLIP_FOLDER))
+        if component not in ORIGINAL_FILES:
+            raise ValueError(f"no weights component {component!r} in the original layout")
+        path = find_file(self.folder, ORIGINAL_FILES[component])
+        if path is None:
+            names = " or ".join(n + ".pth" for n in ORIGINAL_FILES[component])
+            raise FileNotFoundError(f"no weights file {names} (or .safetensors) in {self.folder} or its pretrained_pth/")
+        return path
+
+    def source(self, component):
+        """(TensorFile, rename rules) of one component: what `weights_loader.load_into` reads."""
+        path = self.weights_path(component)
+        if path not in self._files:
+            self._files[path] = weights_loader.TensorFile(path)
+        return self._files[path], weights_loader.rules_for(component, self.unet_config, self.layout, self.vae_config)
 
     def _unet_sources(self):
-        return [(self._file(c), weights_loader.rules_for(c, self.unet_config))
-                for c in ("image_unet", "text_unet") if os.path.isdir(os.path.join(self.folder, c))]
+        return [self.source(c) for c in UNET_FILES[self.layout] if c in self.components()]
 
     def plan_args(self, component):
         """(meta module, files and rules) for checking one component file in full."""
         with torch.device("meta"):
-            if component in ("image_unet", "text_unet"):
-                kind = component.split("_")[0]
-                module = DualContextUNet(self.unet_config, data=(kind,), context=(kind,))
+            if component in UNET_FILES[self.layout]:
+                kinds = ("image", "text") if component == "unet" else (component.split("_")[0],)
+                module = DualContextUNet(self.unet_config, data=kinds, context=kinds)
             elif component == "optimus":
                 module = self._new_optimus(tokenizers=False)
             else:
                 module = self._new(component)
-        return module, [(self._file(component), weights_loader.rules_for(component, self.unet_config))]
+        return module, [self.source(component)]
 
     def _new(self, component):
         if component == "optimus":
@@ -169,7 +285,7 @@ class VersatileDiffusion:
 
     def _new_optimus(self, tokenizers=True):
         """An Optimus sized from its weights file's shapes, with its tokenizers."""
-        tf = self._file("optimus")
+        tf = self.source("optimus")[0]
         config = OptimusConfig.from_state_dict({k: torch.empty(tf.shape(k), device="meta") for k in tf.keys()},
                                                head_dim=self._optimus_settings().get("head_dim", 64))
         for key, value in self._optimus_settings().items():  # sizes no tensor shape tells (head counts)
@@ -209,8 +325,7 @@ class VersatileDiffusion:
             if component in wanted and getattr(self, component) is None:
                 with torch.device("meta"):
                     module = self._new(component)
-                rules = weights_loader.rules_for(component)
-                weights_loader.load_into(module, [(self._file(component), rules)], None, self.device, self.dtype)
+                weights_loader.load_into(module, [self.source(component)], None, self.device, self.dtype)
                 setattr(self, component, module.eval())
             elif drop_unused and component not in wanted:
                 setattr(self, component, None)
@@ -236,13 +351,14 @@ class VersatileDiffusion:
 
     def __repr__(self):
         loaded = [n for n in ("unet", *MODULES) if getattr(self, n) is not None]
-        source = "built-in tiny demo (random weights)" if self.is_demo else self.folder
+        source = "built-in tiny demo (random weights)" if self.is_demo else f"{self.folder}, {self.layout} layout"
         return f"VersatileDiffusion({source}, device={self.device}, dtype={self.dtype}, loaded={loaded})"
 
 
 def load(path, device="cpu", dtype=torch.float32, flows=()):
-    """Open a checkpoint folder in the official layout. Configs are read and every weights file is checked now
-    (shapes and names, no tensor data); the networks are read when a flow first needs them, or now for `flows`."""
+    """Open a checkpoint folder in either layout (see the module docstring). Configs are read and every weights
+    file is checked now (shapes and names, no tensor data); the networks are read when a flow first needs them, or
+    now for `flows`."""
     model = VersatileDiffusion.from_folder(path, device=device, dtype=dtype)
     problems = weights_loader.check(model.folder, model=model)
     if problems:

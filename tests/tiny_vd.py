@@ -206,3 +206,178 @@ def drop_attention_mask(forward):
         return forward(*args, **kwargs)
 
     return wrapped
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The original (SHI-Labs) layout, derived from a diffusers-layout folder.
+#
+# An explicit diffusers -> original key mapping, written from VD_REFERENCE §5 and the original code
+# (lib/model_zoo/openaimodel.py UNetModel2D_Next / UNetModel0D_Next, attention.py SpatialTransformer,
+# autokl_modules.py Encoder / Decoder), independently of minivd's rename rules:
+#   UNet  vd-four-flow-v1-0.pth holds the VD model's `diffuser` ModuleDict: diffuser.image = global + image data +
+#         IMAGE-context layers (= diffusers image_unet), diffuser.text = text data + TEXT-context layers (= text_unet,
+#         whose time embedding VD does not keep). Blocks are numbered in execution order (tables below) and each is
+#         wrapped in a TimestepEmbedSequential, hence `.N.0.`. ResBlocks use the openai names (RESBLOCK_NAMES), the
+#         image Downsample calls its conv `op`, the out block is Sequential(GroupNorm, SiLU, conv|Linear) -> .0. / .2.,
+#         SpatialTransformer has the inner names of diffusers' Transformer2DModel.
+#   VAE   kl-f8.pth: LDM AutoencoderKL names (VAE_NAMES); the decoder's levels are numbered by resolution
+#         (up.0 = full size), the reverse of diffusers' up_blocks; the mid-block attention q/k/v/proj_out are 1x1
+#         convs, stored (C, C, 1, 1).
+#   CLIP  clip-vit-large-patch14/: a transformers CLIPModel (both towers + logit_scale in one file, CLIPConfig).
+
+ORIGINAL_DATA_BLOCKS = [  # diffuser.<kind>.data_blocks.N -> the diffusers module (4 levels, 2 ResBlocks per level)
+    "conv_in",  # 0
+    "down_blocks.0.resnets.0", "down_blocks.0.resnets.1", "down_blocks.0.downsamplers.0",  # 1-3
+    "down_blocks.1.resnets.0", "down_blocks.1.resnets.1", "down_blocks.1.downsamplers.0",  # 4-6
+    "down_blocks.2.resnets.0", "down_blocks.2.resnets.1", "down_blocks.2.downsamplers.0",  # 7-9
+    "down_blocks.3.resnets.0", "down_blocks.3.resnets.1",  # 10, 11
+    "mid_block.resnets.0", "mid_block.resnets.1",  # 12, 13
+    "up_blocks.0.resnets.0", "up_blocks.0.resnets.1", "up_blocks.0.resnets.2", "up_blocks.0.upsamplers.0",  # 14-17
+    "up_blocks.1.resnets.0", "up_blocks.1.resnets.1", "up_blocks.1.resnets.2", "up_blocks.1.upsamplers.0",  # 18-21
+    "up_blocks.2.resnets.0", "up_blocks.2.resnets.1", "up_blocks.2.resnets.2", "up_blocks.2.upsamplers.0",  # 22-25
+    "up_blocks.3.resnets.0", "up_blocks.3.resnets.1", "up_blocks.3.resnets.2",  # 26-28
+    "out",  # 29: conv_norm_out (.0.) and conv_out (.2.)
+]
+ORIGINAL_CONTEXT_BLOCKS = [  # diffuser.<kind>.context_blocks.N -> the diffusers module
+    "down_blocks.0.attentions.0", "down_blocks.0.attentions.1",  # 0, 1
+    "down_blocks.1.attentions.0", "down_blocks.1.attentions.1",  # 2, 3
+    "down_blocks.2.attentions.0", "down_blocks.2.attentions.1",  # 4, 5
+    "mid_block.attentions.0",  # 6
+    "up_blocks.1.attentions.0", "up_blocks.1.attentions.1", "up_blocks.1.attentions.2",  # 7-9
+    "up_blocks.2.attentions.0", "up_blocks.2.attentions.1", "up_blocks.2.attentions.2",  # 10-12
+    "up_blocks.3.attentions.0", "up_blocks.3.attentions.1", "up_blocks.3.attentions.2",  # 13-15
+]
+RESBLOCK_NAMES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                  "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+VAE_NAMES = [  # (diffusers, LDM) substrings, replaced in this order
+    ("mid_block.resnets.0.", "mid.block_1."), ("mid_block.resnets.1.", "mid.block_2."),
+    ("mid_block.attentions.0.group_norm.", "mid.attn_1.norm."), ("mid_block.attentions.0.to_q.", "mid.attn_1.q."),
+    ("mid_block.attentions.0.to_k.", "mid.attn_1.k."), ("mid_block.attentions.0.to_v.", "mid.attn_1.v."),
+    ("mid_block.attentions.0.to_out.0.", "mid.attn_1.proj_out."),
+    ("conv_shortcut.", "nin_shortcut."), ("conv_norm_out.", "norm_out."),
+]
+CLIP_FOLDER = "clip-vit-large-patch14"  # openai/clip-vit-large-patch14 as downloaded
+
+
+def original_unet_key(key, kind):
+    """A diffusers image_unet (kind "image") or text_unet (kind "text") key -> its vd-four-flow-v1-0.pth key."""
+    prefix = f"diffuser.{kind}."
+    if key.startswith("time_embedding."):  # Sequential(Linear, SiLU, Linear)
+        key = key.replace("time_embedding.linear_1.", "time_embed.0.")
+        return prefix + key.replace("time_embedding.linear_2.", "time_embed.2.")
+    if key.startswith(("conv_norm_out.", "conv_out.")):
+        index = "0" if key.startswith("conv_norm_out.") else "2"
+        return f"{prefix}data_blocks.29.0.{index}.{key.split('.')[-1]}"
+    for n, module in enumerate(ORIGINAL_CONTEXT_BLOCKS):
+        if key.startswith(module + "."):
+            return f"{prefix}context_blocks.{n}.0.{key[len(module) + 1:]}"
+    for n, module in enumerate(ORIGINAL_DATA_BLOCKS):
+        if key.startswith(module + "."):
+            rest = key[len(module) + 1:]
+            if ".resnets." in module:
+                layer, param = rest.split(".", 1)
+                rest = f"{RESBLOCK_NAMES[layer]}.{param}"
+            elif ".downsamplers." in module and rest.startswith("conv."):  # the image Downsample's conv is `op`
+                rest = "op." + rest[len("conv."):]
+            return f"{prefix}data_blocks.{n}.0.{rest}"
+    raise KeyError(f"no original name for UNet key {key!r}")
+
+
+def original_unet_state(image_unet_sd, text_unet_sd):
+    """The vd-four-flow-v1-0.pth state dict from the two diffusers UNets' state dicts (text time embedding left out)."""
+    sd = {original_unet_key(k, "image"): v for k, v in image_unet_sd.items()}
+    sd.update({original_unet_key(k, "text"): v for k, v in text_unet_sd.items() if not k.startswith("time_embedding.")})
+    return sd
+
+
+def original_vae_key(key, levels):
+    """A diffusers AutoencoderKL key -> its kl-f8.pth (LDM) key."""
+    for diffusers_name, ldm_name in VAE_NAMES:
+        key = key.replace(diffusers_name, ldm_name)
+    parts = key.split(".")
+    if parts[1] in ("down_blocks", "up_blocks"):  # encoder.down_blocks.i.resnets.j / downsamplers.0 ...
+        level = int(parts[2]) if parts[1] == "down_blocks" else levels - 1 - int(parts[2])
+        inner = {"resnets": ["block", parts[4]], "downsamplers": ["downsample"], "upsamplers": ["upsample"]}[parts[3]]
+        parts = [parts[0], parts[1].split("_")[0], str(level), *inner, *parts[5:]]
+    return ".".join(parts)
+
+
+def original_vae_state(vae_sd, levels):
+    """The kl-f8.pth state dict from a diffusers AutoencoderKL state dict: LDM names, attention as 1x1 convs."""
+    sd = {}
+    for key, value in vae_sd.items():
+        name = original_vae_key(key, levels)
+        is_projection = ".attn_1." in name and name.endswith("weight") and value.ndim == 2  # q, k, v, proj_out
+        sd[name] = value[:, :, None, None] if is_projection else value
+    return sd
+
+
+def clip_model_config(text_config, vision_config):
+    """A transformers CLIPConfig holding the two tower configs (dicts), as openai/clip-vit-large-patch14 has."""
+    from transformers import CLIPConfig
+
+    assert text_config["projection_dim"] == vision_config["projection_dim"]
+    return CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=text_config["projection_dim"])
+
+
+def read_state(folder):
+    """The state dict of a diffusers / transformers weights folder (safetensors or pickled .bin)."""
+    for name in ("diffusion_pytorch_model.safetensors", "model.safetensors"):
+        if os.path.isfile(os.path.join(folder, name)):
+            from safetensors.torch import load_file
+            return load_file(os.path.join(folder, name))
+    for name in ("diffusion_pytorch_model.bin", "pytorch_model.bin"):
+        if os.path.isfile(os.path.join(folder, name)):
+            return torch.load(os.path.join(folder, name), weights_only=True)
+    raise FileNotFoundError(folder)
+
+
+def build_tiny_original(diffusers_folder, folder):
+    """Write the original-layout twin of a tiny diffusers-layout folder (the same weights):
+        pretrained_pth/vd-four-flow-v1-0.pth, pretrained_pth/kl-f8.pth, pretrained_pth/optimus-vae.pth,
+        clip-vit-large-patch14/ (CLIPModel config.json, model.safetensors and pytorch_model.bin like openai's,
+        vocab.json, merges.txt, preprocessor_config.json), optimus/ (vocabularies under their original names,
+        config.json), config.json (minivd's tiny sizes)."""
+    import shutil
+
+    from transformers import CLIPModel
+
+    src = lambda *p: os.path.join(diffusers_folder, *p)
+    out = lambda *p: os.path.join(folder, *p)
+    os.makedirs(out("pretrained_pth"), exist_ok=True)
+    unet = original_unet_state(read_state(src("image_unet")), read_state(src("text_unet")))
+    torch.save(unet, out("pretrained_pth", "vd-four-flow-v1-0.pth"))
+    with open(src("vae", "config.json")) as f:
+        vae_config = json.load(f)
+    levels = len(vae_config["block_out_channels"])
+    torch.save(original_vae_state(read_state(src("vae")), levels), out("pretrained_pth", "kl-f8.pth"))
+
+    with open(src("text_encoder", "config.json")) as f:
+        text_config = json.load(f)
+    with open(src("image_encoder", "config.json")) as f:
+        vision_config = json.load(f)
+    clip = CLIPModel(clip_model_config(text_config, vision_config)).eval()
+    state = {**read_state(src("text_encoder")), **read_state(src("image_encoder")), "logit_scale": torch.tensor(2.6592)}
+    clip.load_state_dict(state, strict=True)  # the CLIPModel names: both towers' keys and logit_scale
+    clip.save_pretrained(out(CLIP_FOLDER))
+    torch.save(clip.state_dict(), out(CLIP_FOLDER, "pytorch_model.bin"))  # openai's folder has both formats
+    for name in os.listdir(src("tokenizer")):
+        shutil.copy(src("tokenizer", name), out(CLIP_FOLDER, name))
+    shutil.copy(src("image_feature_extractor", "preprocessor_config.json"), out(CLIP_FOLDER))
+
+    os.makedirs(out("optimus"), exist_ok=True)
+    shutil.copy(src("optimus", "optimus-vae.pth"), out("pretrained_pth", "optimus-vae.pth"))
+    for name, original in {"vocab.txt": "bert-base-cased-vocab.txt", "vocab.json": "gpt2-vocab.json",
+                           "merges.txt": "gpt2-merges.txt", "config.json": "config.json"}.items():
+        shutil.copy(src("optimus", name), out("optimus", original))
+
+    with open(out("config.json"), "w") as f:  # minivd's sizes: the tiny folder is not VD-sized
+        json.dump({"unet": dict(block_out_channels=list(TINY_UNET["block_out_channels"]),
+                                layers_per_block=TINY_UNET["layers_per_block"],
+                                heads=TINY_UNET["attention_head_dim"], context_dim=TINY_UNET["cross_attention_dim"],
+                                norm_groups=TINY_UNET["norm_num_groups"], text_channels=32),
+                   "vae": dict(block_out_channels=vae_config["block_out_channels"],
+                               layers_per_block=vae_config["layers_per_block"],
+                               norm_groups=vae_config["norm_num_groups"])}, f, indent=2)
+    return folder
+
