@@ -6,6 +6,9 @@ Legend for shape comments:
 
 A context layer (`ContextBlock`) is what the paper swaps between modalities: the image data layers keep their
 ResBlocks, and a flow plugs in the CLIP-text or the CLIP-image set of context blocks at the same 16 positions.
+
+Low memory: `set_attention_slicing(module, n)` makes every `Attention` in `module` attend n query rows at a time,
+so the score matrix never holds more than (B, nh, n, M) numbers. The result is the same up to float rounding.
 """
 
 import math
@@ -30,7 +33,8 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(context_dim or dim, inner, bias=qkv_bias)
         self.to_v = nn.Linear(context_dim or dim, inner, bias=qkv_bias)
         self.to_out = nn.Linear(inner, dim)
-        self.probs_hook = None  # set by minivd.hooks.capture_attention; None = fast path
+        self.probs_hook = None  # set by minivd.hooks.capture_attention: called with the probabilities
+        self.slice_size = None  # query rows per chunk (see set_attention_slicing); None = all rows at once
 
     def forward(self, x, context=None, causal=False):
         """x: (B, N, C), context: (B, M, Cc) or None -> (B, N, C). causal: token i sees tokens <= i (CLIP text)."""
@@ -39,18 +43,48 @@ class Attention(nn.Module):
         q = self.to_q(x).view(B, N, self.heads, self.head_dim).transpose(1, 2)  # (B, nh, N, hd)
         k = self.to_k(context).view(B, -1, self.heads, self.head_dim).transpose(1, 2)  # (B, nh, M, hd)
         v = self.to_v(context).view(B, -1, self.heads, self.head_dim).transpose(1, 2)  # (B, nh, M, hd)
-        if self.probs_hook is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # the same math, fused
+        if self.slice_size is None or self.slice_size >= N:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # softmax(q k^T / sqrt(hd)) v, fused
         else:
-            scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)  # (B, nh, N, M)
-            if causal:
-                future = torch.ones(N, k.shape[2], dtype=torch.bool, device=x.device).triu(1)
-                scores = scores.masked_fill(future, float("-inf"))
-            probs = scores.softmax(dim=-1)
-            self.probs_hook(self, probs)
-            out = probs @ v
-        out = out.transpose(1, 2).reshape(B, N, self.heads * self.head_dim)  # (B, N, nh*hd)
+            out = torch.cat([self.attend_rows(q, k, v, start, causal) for start in range(0, N, self.slice_size)], dim=2)
+        if self.probs_hook is not None:  # a watcher wants the maps: computed beside, the output is untouched
+            self.probs_hook(self, attention_probs(q, k, causal))
+        out = out.transpose(1, 2).reshape(B, N, self.heads * self.head_dim)  # (B, nh, N, hd) -> (B, N, nh*hd)
         return self.to_out(out)
+
+    def attend_rows(self, q, k, v, start, causal):
+        """Attention for the query rows start .. start+slice_size-1 only: (B, nh, n, hd) with n <= slice_size."""
+        q = q[:, :, start : start + self.slice_size]  # (B, nh, n, hd)
+        mask = None
+        if causal:  # row start+i sees keys 0 .. start+i
+            mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(start)  # (n, M)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def attention_probs(q, k, causal=False):
+    """The attention probabilities written out: softmax(q k^T / sqrt(hd)) over the keys. (B, nh, N, M)."""
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, nh, N, M)
+    if causal:
+        future = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(future, float("-inf"))
+    return scores.softmax(dim=-1)
+
+
+def set_attention_slicing(module, slice_size):
+    """Attend `slice_size` query rows at a time in every `Attention` inside `module` (None: all rows at once).
+
+    Bounds the attention scores to (B, nh, slice_size, M) numbers, e.g. for the 4096-token self-attention of a
+    512x512 image, at some cost in speed. The output is the same up to float rounding. Returns the number of
+    attention layers changed.
+    """
+    if slice_size is not None and (isinstance(slice_size, bool) or not isinstance(slice_size, int) or slice_size < 1):
+        raise ValueError(f"slice_size must be a positive integer or None, got {slice_size!r}")
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    layers = [m for m in module.modules() if isinstance(m, Attention)]
+    for layer in layers:
+        layer.slice_size = slice_size
+    return len(layers)
 
 
 class FeedForward(nn.Module):
