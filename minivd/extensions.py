@@ -334,12 +334,14 @@ def edit_text_latent(z, negative=None, positive=None, negative_strength=1.0, pos
 
 
 def low_rank_tokens(tokens, rank=10):
-    """The image context the editing flow uses: the best rank-`rank` approximation of the patch tokens (class token
-    dropped, no rescaling), as the original's `find_low_rank` in `application_i2t2i`. (B, 1+P, C) -> (B, P, C)."""
+    """The image context the editing flow uses: the patch tokens (class token dropped), each demeaned over its
+    features, reduced to their best rank-`rank` approximation, then given their means back, as the original's
+    `find_low_rank(..., demean=True, q=10)` in `application_i2t2i`. (B, 1+P, C) -> (B, P, C)."""
     _check_tokens(tokens)
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
     patches = tokens[:, 1:].float()  # (B, P, C)
-    U, S, Vh = torch.linalg.svd(patches, full_matrices=False)  # (B, P, k), (B, k), (B, k, C)
+    mean = patches.mean(dim=-1, keepdim=True)  # (B, P, 1)
+    U, S, Vh = torch.linalg.svd(patches - mean, full_matrices=False)  # (B, P, k), (B, k), (B, k, C)
     r = min(rank, S.shape[-1])
-    return ((U[..., :r] * S[:, None, :r]) @ Vh[:, :r]).to(tokens.dtype)  # (B, P, C)
+    return ((U[..., :r] * S[:, None, :r]) @ Vh[:, :r] + mean).to(tokens.dtype)  # (B, P, C)

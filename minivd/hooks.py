@@ -8,13 +8,12 @@ attached no extra work is done.
 
     with capture_attention(model) as maps:          # cross-attention probabilities, per layer and step
         images = minivd.generate("text-to-image", model=model, prompt="a red fox", seed=0)
-    maps.mean_map("context.text.blocks.15", step=-1) # (B, h, w, M): where each context token looks
+    maps.mean_map("context.text.blocks.15", step=-1)  # (h, w, M): where each latent pixel looks, last row
 
     state = []
     minivd.generate(..., callback=lambda step, t, latents, **s: state.append(s))   # eps_cond, eps_uncond, x0_pred
 """
 
-import math
 from contextlib import contextmanager
 
 import numpy as np
@@ -28,35 +27,28 @@ class AttentionMaps:
     """Cross-attention probabilities recorded during a generation.
 
     `records[layer]` is a list, one entry per UNet call (one per denoising step), of probabilities averaged over
-    heads: (B, N, M) float32 on the CPU. With classifier-free guidance the batch holds [uncond; cond] rows.
+    heads: (rows, N, M) float32 on the CPU, N = h*w latent pixels of that layer (`grid[layer]` = (h, w)). With
+    classifier-free guidance the rows are [uncond; cond], so the last row is the last conditional image.
     """
 
     def __init__(self):
-        self.records = {}
+        self.records, self.grid = {}, {}
 
     def layers(self):
         return list(self.records)
 
-    def mean_map(self, layer, step=-1, conditional_only=True):
-        """(B, h, w, M) attention of each latent pixel to each context token at one step, for a square-ish layer."""
-        probs = self.records[layer][step]
-        if conditional_only and probs.shape[0] % 2 == 0:
-            probs = probs[probs.shape[0] // 2:]  # rows [uncond; cond]: keep cond
-        return as_grid(probs)
+    def mean_map(self, layer, step=-1, row=-1):
+        """(h, w, M): where each latent pixel of one row looks among the context tokens, at one step."""
+        probs = self.records[layer][step][row]  # (N, M)
+        h, w = self.grid[layer]
+        return probs.reshape(h, w, -1)
 
-    def token_heatmaps(self, step=-1, size=None):
-        """Average over every recorded layer, resized to one grid: (B, M, H, W) with H, W the finest grid."""
-        grids = [self.mean_map(layer, step).permute(0, 3, 1, 2) for layer in self.records]  # (B, M, h, w)
-        size = size or max((g.shape[-2:] for g in grids), key=lambda s: s[0] * s[1])
-        resized = [torch.nn.functional.interpolate(g, size=size, mode="bilinear", align_corners=False) for g in grids]
-        return torch.stack(resized).mean(0)
-
-
-def as_grid(probs):
-    """(B, N, M) -> (B, h, w, M) with h*w = N (h = the largest divisor of N not above sqrt(N))."""
-    B, N, M = probs.shape
-    h = max(d for d in range(1, int(math.isqrt(N)) + 1) if N % d == 0)
-    return probs.reshape(B, h, N // h, M)
+    def token_heatmaps(self, step=-1, row=-1, size=None):
+        """Average over every recorded layer, resized to the finest grid: (M, H, W)."""
+        maps = [self.mean_map(layer, step, row).permute(2, 0, 1)[None] for layer in self.records]  # (1, M, h, w)
+        size = size or max((m.shape[-2:] for m in maps), key=lambda s: s[0] * s[1])
+        resized = [torch.nn.functional.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps]
+        return torch.cat(resized).mean(0)
 
 
 @contextmanager
@@ -66,7 +58,7 @@ def capture_attention(model, kinds=("text", "image"), cross=True, self_attention
     kinds: which context-layer sets to watch. cross: the attention to the CLIP context (attn2); self_attention:
     the pixels' attention to each other (attn1, large: N x N). Yields an AttentionMaps.
     """
-    maps, hooked = AttentionMaps(), []
+    maps, hooked, handles = AttentionMaps(), [], []
     unet = model.unet if hasattr(model, "unet") else model
     if unet is None:
         raise ValueError("the model has no UNet loaded yet: call model.prepare(flow) first")
@@ -79,11 +71,21 @@ def capture_attention(model, kinds=("text", "image"), cross=True, self_attention
                     layer = f"context.{kind}.blocks.{i}" + ("" if name == "attn2" else ".self")
                     attn.probs_hook = recorder(maps, layer)
                     hooked.append(attn)
+                    handles.append(block.register_forward_pre_hook(grid_recorder(maps, layer)))
     try:
         yield maps
     finally:
         for attn in hooked:
             attn.probs_hook = None
+        for handle in handles:
+            handle.remove()
+
+
+def grid_recorder(maps, layer):
+    def record(block, args):  # args[0]: the block's input (B, C, h, w)
+        maps.grid[layer] = tuple(args[0].shape[-2:])
+
+    return record
 
 
 def recorder(maps, layer):
@@ -93,13 +95,13 @@ def recorder(maps, layer):
     return record
 
 
-def word_attention(maps, tokenizer, prompt, step=-1):
-    """Per-token heatmaps of a text prompt, averaged over layers, first image: list of (token, (H, W) array).
+def word_attention(maps, tokenizer, prompt, step=-1, row=-1):
+    """Per-token heatmaps of a text prompt for one row, averaged over layers: list of (token, (H, W) array).
 
     Token positions 1 .. first EOS - 1 hold the prompt's BPE pieces (position 0 is BOS)."""
     ids = tokenizer([prompt])[0].tolist()
     end = ids.index(tokenizer.eos_id, 1)
-    heat = maps.token_heatmaps(step)[0]  # (M, H, W)
+    heat = maps.token_heatmaps(step, row)  # (M, H, W)
     return [(tokenizer.decode([ids[p]]).strip(), heat[p].numpy()) for p in range(1, end)]
 
 

@@ -19,6 +19,7 @@ The modules have no dropout, so train() and eval() compute the same thing (the o
 
 import json
 import math
+from collections import Counter
 import os
 import re
 from dataclasses import dataclass
@@ -318,11 +319,16 @@ TINY_GPT2_VOCAB = 320  # tokens in the tiny vocab.json: 256 bytes, 63 merges, <|
 def write_tiny_vocabs(folder):
     """Train tiny stand-ins for bert-base-cased vocab.txt and GPT-2 vocab.json / merges.txt on TINY_CORPUS."""
     os.makedirs(folder, exist_ok=True)
-    bert = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    bert.normalizer = normalizers.BertNormalizer(strip_accents=False, lowercase=False)
-    bert.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    bert.train_from_iterator(TINY_CORPUS, trainers.WordPieceTrainer(
-        vocab_size=TINY_BERT_VOCAB, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], show_progress=False))
+    # WordPiece vocab built by counting (the tokenizers trainer breaks ties differently from run to run):
+    # special tokens, every character alone and as a "##" continuation, the most frequent words, [unused] padding
+    split = pre_tokenizers.BertPreTokenizer().pre_tokenize_str
+    words = Counter(word for line in TINY_CORPUS for word, _ in split(line.lower()))
+    chars = sorted({c for word in words for c in word})
+    bert_vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *("##" + c for c in chars)]
+    ranked = [w for w, _ in sorted(words.items(), key=lambda item: (-item[1], item[0])) if len(w) > 1]
+    bert_vocab += ranked[: TINY_BERT_VOCAB - len(bert_vocab)]
+    bert_vocab += [f"[unused{i}]" for i in range(TINY_BERT_VOCAB - len(bert_vocab))]  # as BERT's own vocab has
+    bert = Tokenizer(models.WordPiece({token: i for i, token in enumerate(bert_vocab)}, unk_token="[UNK]"))
     gpt2 = Tokenizer(models.BPE())
     gpt2.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     gpt2.train_from_iterator(TINY_CORPUS, trainers.BpeTrainer(

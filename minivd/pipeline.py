@@ -72,7 +72,8 @@ def gray_image():
     return Image.new("RGB", (512, 512), (127, 127, 127))
 
 
-def check_inputs(mode, prompt, image, mix_ratio, steps, num_images, height, width, output, eta, factor, fidelity):
+def check_inputs(mode, prompt, image, mix_ratio, steps, num_images, height, width, output, eta, factor, fidelity,
+                 focus=0.5, weights=None, focus_levels=None, masks=None):
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     _, contexts, _ = flow_parts("dual-guided" if mode == "multi-context" else mode)
@@ -90,6 +91,12 @@ def check_inputs(mode, prompt, image, mix_ratio, steps, num_images, height, widt
         raise ValueError(f"eta must be >= 0, got {eta}")
     if fidelity and mode != "image-variation":
         raise ValueError(f"fidelity applies to image-variation only, not {mode!r}")
+    if focus != 0.5 and mode not in ("image-variation", "dual-guided", "image-to-text"):
+        hint = " (use focus_levels, one per image)" if mode == "multi-context" else ""
+        raise ValueError(f"focus applies to a single image condition, not {mode!r}{hint}")
+    for name, value in (("weights", weights), ("focus_levels", focus_levels), ("masks", masks)):
+        if value is not None and mode != "multi-context":
+            raise ValueError(f"{name} applies to multi-context only, not {mode!r}")
     image_out = mode not in ("image-to-text", "text-variation")
     allowed = OUTPUTS if image_out else ("text", "pil", "latent")
     if output not in allowed:
@@ -147,20 +154,35 @@ def blend_context(model, images, weights, focus_levels, masks, negative_image, n
     masks = [None] * n if masks is None else masks
     if not isinstance(masks, (list, tuple)) or len(masks) != n:
         raise ValueError(f"masks must be a list with one entry per image ({n})")
-    token_sets = []
+    patch, grid = model.vision_config.patch_size, model.vision_config.image_size // model.vision_config.patch_size
+    token_sets, cropped = [], []
     for i, (picture, mask) in enumerate(zip(images, masks)):
         token_weights = None
         if mask is not None:
-            patches = model.vision_config.image_size // model.vision_config.patch_size
+            mask = centre_crop_mask(mask, picture, f"masks[{i}]")  # the part of the mask CLIP's crop keeps
             try:
-                token_weights = extensions.mask_token_weights(mask, patches**2, model.vision_config.patch_size)
+                token_weights = extensions.mask_token_weights(mask, grid**2, patch)
             except (TypeError, ValueError) as error:
                 raise type(error)(f"masks[{i}]: {error}") from None
+        cropped.append(mask)
         token_sets.append(encode_image(model, [picture], token_weights))
     levels = [focus_levels] * n if isinstance(focus_levels, (int, float)) else focus_levels
-    tokens = extensions.blend_image_tokens(token_sets, weights, levels, masks)  # (1, n * 257, Cc)
+    tokens = extensions.blend_image_tokens(token_sets, weights, levels, cropped, patch)  # (1, n * 257, Cc)
     uncond = as_list(negative_image, "negative_image", Image.Image)[:1] if negative_image is not None else [gray_image()]
     return with_uncond(tokens, lambda: encode_image(model, uncond).repeat(1, n, 1), num_images, guided), 1
+
+
+def centre_crop_mask(mask, picture, name):
+    """A mask drawn over the whole picture -> its part over the centre square that CLIP's preprocessing keeps
+    (the crop is taken in the mask's own pixels, so its values are not resampled here)."""
+    mask = np.asarray(mask, dtype=np.float32)
+    if mask.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D (h, w) mask, got shape {mask.shape}")
+    (W, H), (h, w) = picture.size, mask.shape
+    keep_h, keep_w = min(H, W) / H, min(H, W) / W  # the kept share of each side
+    rows, cols = max(1, round(h * keep_h)), max(1, round(w * keep_w))
+    top, left = (h - rows) // 2, (w - cols) // 2
+    return mask[top : top + rows, left : left + cols]
 
 
 def broadcast(uncond, cond, name):
@@ -202,10 +224,12 @@ def contexts_for(model, mode, prompt, negative_prompt, image, negative_image, mi
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def wants_state(callback):
-    """True if callback takes keyword state (eps_cond, x0_pred, ...) besides (step, t, latents)."""
-    params = inspect.signature(callback).parameters.values()
-    return any(p.kind == p.VAR_KEYWORD for p in params) or len(params) > 3
+def state_for(callback, state):
+    """The part of a step's state the callback takes: all of it with **kwargs, else the keywords it names."""
+    params = inspect.signature(callback).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return state
+    return {k: v for k, v in state.items() if k in params}
 
 
 def to_pixels(images, height, width):
@@ -243,7 +267,8 @@ def generate(mode, model=None, prompt=None, negative_prompt=None, image=None, ne
     elif not isinstance(model, VersatileDiffusion):
         resolve_model(model)  # raises the TypeError
     factor = 2 ** (len(model.vae_config.block_out_channels) - 1)
-    check_inputs(mode, prompt, image, mix_ratio, steps, num_images, height, width, output, eta, factor, fidelity)
+    check_inputs(mode, prompt, image, mix_ratio, steps, num_images, height, width, output, eta, factor, fidelity,
+                 focus, weights, focus_levels, masks)
     load_flow = mode if mode != "multi-context" else ("dual-guided" if prompt is not None else "image-variation")
     model.prepare(load_flow)
     data = flow_parts(load_flow)[0]
@@ -284,7 +309,7 @@ def generate(mode, model=None, prompt=None, negative_prompt=None, image=None, ne
         if return_intermediates:
             intermediates.append(dict(step=i, t=int(t), latents=x, **state))
         if callback is not None:
-            callback(i, t, x, **state) if wants_state(callback) else callback(i, t, x)
+            callback(i, t, x, **state_for(callback, state))
 
     with torch.no_grad():
         x_0 = model.ddim.sample(denoiser, x_T, steps, guidance_scale, eta, generator, step_callback, start_step)
@@ -299,7 +324,7 @@ def decode(model, data, x_0, output, image, colour_adjust, seed, generator, text
         z = x_0.flatten(1)  # (B, 768): VD's text latents are not rescaled
         if output == "latent":
             return z
-        if generator is None and seed is not None:
+        if seed is not None:  # a fresh generator: the same seed gives the same sentences with or without latents=
             generator = torch.Generator("cpu").manual_seed(seed)
         return model.optimus.decode(z, generator=generator, **text_options)
     if output == "latent":
@@ -342,7 +367,7 @@ def edit_image(image, model=None, remove=None, add=None, image_ratio=0.33, rank=
     text_tokens = torch.cat([encode_text(model, [t]) for t in texts], dim=1)  # (1, 77 * k, Cc)
     text_uncond = torch.cat([encode_text(model, [""]) for _ in texts], dim=1)
     image_tokens = extensions.low_rank_tokens(encode_image(model, pictures), rank)  # (1, 256, Cc)
-    image_uncond = extensions.low_rank_tokens(encode_image(model, [gray_image()]), rank)
+    image_uncond = encode_image(model, [gray_image()])[:, 1:]  # (1, 256, Cc): the original does not reduce it
     contexts = extensions.mixed_contexts(torch.cat([image_uncond, image_tokens]), torch.cat([text_uncond, text_tokens]),
                                          1.0 - image_ratio)
     factor = 2 ** (len(model.vae_config.block_out_channels) - 1)

@@ -100,8 +100,32 @@ def test_edit_image_runs_and_returns_the_edited_sentence(tiny_vd):
     (dict(mode="multi-context", image=[picture(0)], focus_levels=[-0.1]), "levels\\[0\\]"),
     (dict(mode="image-variation", image=picture(0), fidelity=2.0), "fidelity must be a number in \\[0, 1\\]"),
     (dict(mode="text-to-image", prompt="x", fidelity=0.5), "fidelity applies to image-variation only"),
+    (dict(mode="multi-context", image=[picture(0)], focus=0.8), "use focus_levels"),
+    (dict(mode="image-variation", image=picture(0), weights=[1.0]), "weights applies to multi-context only"),
+    (dict(mode="text-to-image", prompt="x", masks=[None]), "masks applies to multi-context only"),
 ])
 def test_extension_inputs_get_clear_errors(model, kwargs, match):
     mode = kwargs.pop("mode")
     with pytest.raises(ValueError, match=match):
         minivd.generate(mode, model=model, steps=1, height=H, width=W, **kwargs)
+
+
+def test_mask_follows_the_centre_crop_of_a_wide_picture(model):
+    """CLIP sees the centre square of a 2:1 picture: a mask that removes only the outer quarters changes nothing."""
+    wide = picture(8, size=(128, 64))
+    outer = np.ones((64, 128))
+    outer[:, :32] = outer[:, 96:] = 0
+    kwargs = dict(model=model, image=[wide], latents=x_T(4), **RUN)
+    assert np.array_equal(minivd.generate("multi-context", masks=[outer], **kwargs),
+                          minivd.generate("multi-context", **kwargs))
+    inner = np.ones((64, 128))
+    inner[:, 32:64] = 0
+    assert not np.array_equal(minivd.generate("multi-context", masks=[inner], **kwargs),
+                              minivd.generate("multi-context", **kwargs))
+
+
+def test_text_seed_gives_the_same_sentences_with_or_without_latents(model):
+    z_T = torch.randn(1, 32, 1, 1, generator=torch.Generator().manual_seed(9))
+    a = minivd.generate("text-variation", model=model, prompt="a fox", steps=2, seed=9)
+    b = minivd.generate("text-variation", model=model, prompt="a fox", steps=2, seed=9, latents=z_T)
+    assert a == b

@@ -41,8 +41,7 @@ def test_captured_probabilities_sum_to_one_over_the_context(model):
         probs = maps.records[layer][-1]  # (2B, N, 77): rows [uncond; cond]
         assert probs.shape[0] == 2 and probs.shape[-1] == 77
         assert torch.allclose(probs.sum(-1), torch.ones(()), atol=1e-5)
-    grid = maps.mean_map(maps.layers()[0])
-    assert grid.shape[0] == 1 and grid.shape[1] * grid.shape[2] == (H // 8) * (W // 8)
+    assert maps.mean_map(maps.layers()[0]).shape == (H // 8, W // 8, 77)
     words = word_attention(maps, model.tokenizer, "a red fox in the snow")
     assert [w for w, _ in words][:1] and all(h.shape == words[0][1].shape for _, h in words)
 
@@ -66,6 +65,20 @@ def test_callback_state_is_what_the_sampler_used(model):
         x_prev = a_prev.sqrt() * state["x0_pred"] + (1 - a_prev).sqrt() * state["eps"]
         assert (x_prev - state["latents"]).abs().max() < 1e-5
         x_t = state["latents"]
+
+
+def test_maps_keep_the_grid_of_non_square_images(model):
+    with capture_attention(model) as maps:
+        minivd.generate("text-to-image", model=model, **{**RUN, "height": 96, "width": 64, "seed": 0})
+    assert maps.mean_map("context.text.blocks.0").shape == (12, 8, 77)  # (h, w, tokens) at full latent size
+    assert maps.token_heatmaps().shape == (77, 12, 8)
+
+
+def test_callback_gets_the_state_it_names(model):
+    seen = []
+    minivd.generate("text-to-image", model=model, seed=0, callback=lambda i, t, x, x0_pred=None, tag=1:
+                    seen.append((tag, x0_pred.shape)), **RUN)
+    assert seen and all(tag == 1 and shape == (1, 4, H // 8, W // 8) for tag, shape in seen)
 
 
 def test_preview_decodes_the_predicted_x0(model):

@@ -24,10 +24,12 @@ ANSI_COLOR = re.compile(r"\x1b\[[0-9;]*m")  # IPython colours its tracebacks
 
 
 def kernel_env():
-    """The kernel's environment: ours, without MINIVD_WEIGHTS, with the repo root importable and a headless matplotlib."""
+    """The kernel's environment: ours, without MINIVD_WEIGHTS, with the repo root importable, a headless matplotlib
+    and one thread."""
     env = {k: v for k, v in os.environ.items() if k != "MINIVD_WEIGHTS"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     env["MPLBACKEND"] = "Agg"
+    env["OMP_NUM_THREADS"] = "1"  # the tiny model's ops are too small to share between threads
     return env
 
 
