@@ -35,12 +35,14 @@ bert-base-cased-vocab.txt, gpt2-vocab.json, gpt2-merges.txt (lib/model_zoo/optim
 
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import fields
 
 import torch
 
 import weights_loader
 
+from .attention import set_attention_slicing
 from .clip import CLIPTextConfig, CLIPTextEncoder, CLIPVisionConfig, CLIPVisionEncoder, ImagePreprocessConfig
 from .ddim import DDIM, DDIMConfig
 from .optimus import Optimus, OptimusConfig, bert_tokenizer, gpt2_tokenizer
@@ -193,6 +195,8 @@ class VersatileDiffusion:
         self.folder, self.layout, self.device, self.dtype = folder, layout, torch.device(device), dtype
         self.unet = self.vae = self.text_encoder = self.image_encoder = self.optimus = None
         self.is_demo = False
+        self.attention_slice = self.vae_tile_size = None  # enable_low_memory
+        self.offload = False
         self._files = {}  # path -> weights_loader.TensorFile, opened once (both CLIP towers share one file)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -269,11 +273,11 @@ class VersatileDiffusion:
                 module = self._new(component)
         return module, [self.source(component)]
 
-    def _new(self, component):
+    def _new(self, component, vae_encoder=True):
         if component == "optimus":
             return self._new_optimus()
         return {
-            "vae": lambda: AutoencoderKL(self.vae_config),
+            "vae": lambda: AutoencoderKL(self.vae_config, encoder=vae_encoder),
             "text_encoder": lambda: CLIPTextEncoder(self.text_config),
             "image_encoder": lambda: CLIPVisionEncoder(self.vision_config),
         }[component]()
@@ -303,11 +307,15 @@ class VersatileDiffusion:
     # ------------------------------------------------------------------------------------------------------------
     # Per-flow loading
 
-    def prepare(self, flow, drop_unused=False):
-        """Make sure every module `flow` needs is loaded; optionally free the ones it does not use."""
+    def prepare(self, flow, drop_unused=False, vae_encoder=False):
+        """Make sure every module `flow` needs is loaded; optionally free the ones it does not use.
+
+        The VAE is read decoder-only unless `vae_encoder` (image-variation with fidelity encodes its input)."""
         data, contexts, wanted = flow_parts(flow)
         if self.folder is None:  # the demo model is built complete in memory
             return self
+        if vae_encoder and self.vae is not None and self.vae.encoder is None:
+            self.vae = None  # read again, now with its encoder
         if self.unet is None:
             with torch.device("meta"):
                 self.unet = DualContextUNet(self.unet_config, data=(), context=())
@@ -320,12 +328,15 @@ class VersatileDiffusion:
             self.unet.add_layers(new_data, new_ctx)
         prefixes += [f"data.{d}." for d in new_data] + [f"context.{c}." for c in new_ctx]
         if prefixes:
-            weights_loader.load_into(self.unet, self._unet_sources(), prefixes, self.device, self.dtype)
+            weights_loader.load_into(self.unet, self._unet_sources(), prefixes, self.storage_device, self.dtype)
+        if self.attention_slice is not None:
+            set_attention_slicing(self.unet, self.attention_slice)
         for component in MODULES:
             if component in wanted and getattr(self, component) is None:
                 with torch.device("meta"):
-                    module = self._new(component)
-                weights_loader.load_into(module, [self.source(component)], None, self.device, self.dtype)
+                    module = self._new(component, vae_encoder)
+                prefixes = module.weight_prefixes() if component == "vae" else None  # decoder-only: its keys alone
+                weights_loader.load_into(module, [self.source(component)], prefixes, self.storage_device, self.dtype)
                 setattr(self, component, module.eval())
             elif drop_unused and component not in wanted:
                 setattr(self, component, None)
@@ -339,6 +350,47 @@ class VersatileDiffusion:
         self.unet.eval()
         return self
 
+    # ------------------------------------------------------------------------------------------------------------
+    # Memory and speed options (none changes fp32 results beyond float rounding)
+
+    @property
+    def storage_device(self):
+        """Where loaded modules live: the compute device, or the CPU when offloading."""
+        return torch.device("cpu") if self.offload else self.device
+
+    def enable_low_memory(self, attention_slice=1024, vae_tile_size=512, offload=None):
+        """Bound peak memory: attention in slices of `attention_slice` query rows, VAE decoding in tiles of
+        `vae_tile_size` pixels (approximate at the seams), and, on a GPU, every module kept on the CPU and moved to
+        the GPU only while it runs (offload; default on when the device is not the CPU). None switches one off."""
+        self.attention_slice, self.vae_tile_size = attention_slice, vae_tile_size
+        self.offload = (self.device.type != "cpu") if offload is None else offload
+        if self.unet is not None:
+            set_attention_slicing(self.unet, attention_slice)
+        if self.offload:
+            self.to(self.device)  # moves what is loaded to the CPU (storage_device)
+        return self
+
+    @contextmanager
+    def running(self, *names):
+        """Use modules on the compute device; with offload, move them there for the block and back after."""
+        modules = [getattr(self, n) for n in names if getattr(self, n) is not None]
+        if self.offload:
+            for module in modules:
+                module.to(self.device)
+        try:
+            yield
+        finally:
+            if self.offload:
+                for module in modules:
+                    module.to("cpu")
+
+    def compile(self, **options):
+        """torch.compile the UNet's forward pass (optional; the first steps are slow while it compiles)."""
+        if self.unet is None:
+            raise ValueError("no UNet loaded yet: call model.prepare(flow) before compile()")
+        self.unet.forward = torch.compile(self.unet.forward, **options)
+        return self
+
     def to(self, device=None, dtype=None):
         """Move every loaded module (and later loads) to device / dtype."""
         self.device = torch.device(device) if device is not None else self.device
@@ -346,7 +398,7 @@ class VersatileDiffusion:
         for name in ("unet", *MODULES):
             module = getattr(self, name)
             if module is not None:
-                module.to(device=self.device, dtype=self.dtype)
+                module.to(device=self.storage_device, dtype=self.dtype)
         return self
 
     def __repr__(self):

@@ -57,14 +57,16 @@ def as_list(value, name, kind):
 @torch.no_grad()
 def encode_text(model, prompts):
     """CLIP text context, VD-normalised: list of B strings -> (B, 77, Cc)."""
-    return model.text_encoder(model.tokenizer(prompts).to(model.device))
+    with model.running("text_encoder"):
+        return model.text_encoder(model.tokenizer(prompts).to(model.device))
 
 
 @torch.no_grad()
 def encode_image(model, images, token_weights=None):
     """CLIP image context, VD-normalised: list of B PIL images -> (B, 257, Cc)."""
     pixels = preprocess(images, model.image_preprocess).to(model.device, model.dtype)
-    return model.image_encoder(pixels, token_weights)
+    with model.running("image_encoder"):
+        return model.image_encoder(pixels, token_weights)
 
 
 def gray_image():
@@ -270,7 +272,7 @@ def generate(mode, model=None, prompt=None, negative_prompt=None, image=None, ne
     check_inputs(mode, prompt, image, mix_ratio, steps, num_images, height, width, output, eta, factor, fidelity,
                  focus, weights, focus_levels, masks)
     load_flow = mode if mode != "multi-context" else ("dual-guided" if prompt is not None else "image-variation")
-    model.prepare(load_flow)
+    model.prepare(load_flow, vae_encoder=bool(fidelity))
     data = flow_parts(load_flow)[0]
 
     # 1. contexts: (kind, tokens (2B or B, M, Cc), ratio) per condition, rows [uncond; cond]
@@ -291,7 +293,7 @@ def generate(mode, model=None, prompt=None, negative_prompt=None, image=None, ne
     start_step = 0
     if fidelity:
         pictures = to_pixels(as_list(image, "image", Image.Image), height, width).repeat_interleave(num_images, 0)
-        with torch.no_grad():
+        with torch.no_grad(), model.running("vae"):
             x0 = images_to_latents(model.vae, pictures.to(model.device, model.dtype))
         x_T, start_step = extensions.noised_start(model.ddim, x0, x_T, steps, fidelity)
 
@@ -312,7 +314,8 @@ def generate(mode, model=None, prompt=None, negative_prompt=None, image=None, ne
             callback(i, t, x, **state_for(callback, state))
 
     with torch.no_grad():
-        x_0 = model.ddim.sample(denoiser, x_T, steps, guidance_scale, eta, generator, step_callback, start_step)
+        with model.running("unet"):
+            x_0 = model.ddim.sample(denoiser, x_T, steps, guidance_scale, eta, generator, step_callback, start_step)
         result = decode(model, data, x_0, output, image, colour_adjust, seed, generator,
                         dict(max_length=max_length, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy))
     return (result, intermediates) if return_intermediates else result
@@ -326,10 +329,12 @@ def decode(model, data, x_0, output, image, colour_adjust, seed, generator, text
             return z
         if seed is not None:  # a fresh generator: the same seed gives the same sentences with or without latents=
             generator = torch.Generator("cpu").manual_seed(seed)
-        return model.optimus.decode(z, generator=generator, **text_options)
+        with model.running("optimus"):
+            return model.optimus.decode(z, generator=generator, **text_options)
     if output == "latent":
         return x_0
-    pixels = latents_to_images(model.vae, x_0.to(model.dtype)).float()  # (B, 3, H, W) in [0, 1]
+    with model.running("vae"):
+        pixels = latents_to_images(model.vae, x_0.to(model.dtype), model.vae_tile_size).float()  # (B, 3, H, W), [0, 1]
     if colour_adjust:
         if image is None:
             raise ValueError("colour_adjust needs an input image to match")
@@ -358,9 +363,10 @@ def edit_image(image, model=None, remove=None, add=None, image_ratio=0.33, rank=
                  output="latent")
     model.prepare("text-variation")
     encode = lambda text: model.optimus.encode([text]) if text is not None else None
-    z_edit = extensions.edit_text_latent(z, encode(remove), encode(add))
     generator = torch.Generator("cpu").manual_seed(seed) if seed is not None else None
-    sentence = model.optimus.decode(z_edit, generator=generator)[0]
+    with model.running("optimus"):
+        z_edit = extensions.edit_text_latent(z, encode(remove), encode(add))
+        sentence = model.optimus.decode(z_edit, generator=generator)[0]
 
     model.prepare("dual-guided")
     texts = [sentence] + ([add] if add is not None else [])
@@ -378,5 +384,6 @@ def edit_image(image, model=None, remove=None, add=None, image_ratio=0.33, rank=
         t_batch = torch.full((2,), int(t), device=x.device)
         return model.unet(torch.cat([x, x]), t_batch, contexts, "image").chunk(2)
 
-    x_0 = model.ddim.sample(denoiser, x_T, steps, guidance_scale, 0.0, generator)
+    with model.running("unet"):
+        x_0 = model.ddim.sample(denoiser, x_T, steps, guidance_scale, 0.0, generator)
     return decode(model, "image", x_0, output, None, False, seed, generator, {}), sentence

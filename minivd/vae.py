@@ -14,9 +14,17 @@ The diffusion model works on *scaled* latents z * scaling_factor (0.18215), whic
 Each level of the encoder halves H and W (except the last), each level of the decoder doubles them, so
 4 levels give the factor 8. Both have a middle block: ResBlock, single-head self-attention over the pixels, ResBlock.
 Parameter names follow the diffusers AutoencoderKL checkpoint.
+
+Lean and fast paths (none change float32 results):
+    AutoencoderKL(cfg, encoder=False)   decoder only, for flows that never encode an image (text-to-image, ...)
+    decode(z, tile_size=512)            decode in overlapping tiles blended together: bounded memory for large
+                                        images, APPROXIMATE (each tile normalises and attends on its own)
+    float16 weights                     encode/decode run in float32 (see `AutoencoderKL.float32_if_half`): the
+                                        VAE's activations can exceed float16's range. bfloat16 runs as it is.
 """
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -40,6 +48,7 @@ class VAEConfig:
     use_quant_conv: bool = True  # 1x1 conv on the (mean, logvar) moments
     use_post_quant_conv: bool = True  # 1x1 conv on the latent before decoding
     mid_block_attention: bool = True
+    force_upcast: bool = True  # run in float32 when the weights are float16 (diffusers' name for the same switch)
 
     @classmethod
     def tiny(cls):
@@ -68,6 +77,7 @@ class VAEConfig:
             use_quant_conv=config.get("use_quant_conv", True),
             use_post_quant_conv=config.get("use_post_quant_conv", True),
             mid_block_attention=config.get("mid_block_add_attention", True),
+            force_upcast=config.get("force_upcast", True),
         )
 
 
@@ -177,52 +187,146 @@ class Decoder(nn.Module):
 
 
 class AutoencoderKL(nn.Module):
-    """kl-f8 VAE. `encode` gives latent moments, `decode` maps an (unscaled) latent back to pixels."""
+    """kl-f8 VAE. `encode` gives latent moments, `decode` maps an (unscaled) latent back to pixels.
 
-    def __init__(self, cfg):
+    encoder=False / decoder=False build only the other half (its parameters, and so its state-dict keys, do not
+    exist): text-to-image, image-variation and dual-guided only decode, so they need no encoder.
+    """
+
+    def __init__(self, cfg, encoder=True, decoder=True):
         super().__init__()
+        if not (encoder or decoder):
+            raise ValueError("an AutoencoderKL needs its encoder, its decoder or both")
         self.cfg = cfg
         L = cfg.latent_channels
-        self.encoder = Encoder(cfg)
-        self.decoder = Decoder(cfg)
-        self.quant_conv = nn.Conv2d(2 * L, 2 * L, 1) if cfg.use_quant_conv else None
-        self.post_quant_conv = nn.Conv2d(L, L, 1) if cfg.use_post_quant_conv else None
+        self.encoder = Encoder(cfg) if encoder else None
+        self.decoder = Decoder(cfg) if decoder else None
+        self.quant_conv = nn.Conv2d(2 * L, 2 * L, 1) if encoder and cfg.use_quant_conv else None
+        self.post_quant_conv = nn.Conv2d(L, L, 1) if decoder and cfg.use_post_quant_conv else None
 
     @property
     def downscale(self):
         """Pixels per latent along each side: 2 ** (levels - 1) = 8 for VD."""
         return 2 ** (len(self.cfg.block_out_channels) - 1)
 
+    def weight_prefixes(self):
+        """The state-dict prefixes of the halves this VAE has (for loading a full VAE file into a half)."""
+        encoder = ["encoder.", "quant_conv."] if self.encoder is not None else []
+        decoder = ["decoder.", "post_quant_conv."] if self.decoder is not None else []
+        return encoder + decoder
+
     def _check_shape(self, x, channels, what):
         if x.ndim != 4 or x.shape[1] != channels:
             raise ValueError(f"{what} must be (B, {channels}, H, W), got shape {tuple(x.shape)}")
 
+    @contextmanager
+    def float32_if_half(self, *modules):
+        """Run `modules` in float32 while inside the block if their weights are float16 (and cfg.force_upcast).
+
+        The VAE's activations can exceed float16's range (65504) at large images and turn into inf/NaN (diffusers'
+        `force_upcast` guards against the same). The weights are cast to float32 on entry and back on exit
+        (lossless: every float16 is a float32): a float32 copy of the half (~200 MB for the VD decoder) and float32
+        activations exist only while it runs. bfloat16 has float32's range and runs as it is. Yields the dtype.
+        """
+        modules = [m for m in modules if m is not None]
+        dtype = next(modules[0].parameters()).dtype
+        upcast = self.cfg.force_upcast and dtype == torch.float16
+        if upcast:
+            for m in modules:
+                m.float()
+        try:
+            yield torch.float32 if upcast else dtype
+        finally:
+            if upcast:
+                for m in modules:
+                    m.half()
+
     def encode(self, x):
-        """x: (B, 3, H, W) images in [-1, 1] -> (mean, logvar), each (B, L, H/8, W/8).
+        """x: (B, 3, H, W) images in [-1, 1] -> (mean, logvar), each (B, L, H/8, W/8), in the dtype of x.
 
         The latent is Gaussian with these moments; VD uses `mean` (no sampling). These latents are UNSCALED:
         the caller multiplies by `cfg.scaling_factor` before diffusion (see `images_to_latents`).
         H and W should be multiples of 8.
         """
+        if self.encoder is None:
+            raise ValueError("this VAE was built without its encoder (AutoencoderKL(cfg, encoder=False))")
         self._check_shape(x, self.cfg.in_channels, "images")
-        moments = self.encoder(x)
-        if self.quant_conv is not None:
-            moments = self.quant_conv(moments)
-        mean, logvar = moments.chunk(2, dim=1)  # (B, 2L, h, w) -> 2 x (B, L, h, w)
+        with self.float32_if_half(self.encoder, self.quant_conv) as dtype:
+            moments = self.encoder(x.to(dtype))
+            if self.quant_conv is not None:
+                moments = self.quant_conv(moments)
+        mean, logvar = moments.to(x.dtype).chunk(2, dim=1)  # (B, 2L, h, w) -> 2 x (B, L, h, w)
         return mean, logvar.clamp(-30.0, 20.0)
 
-    def decode(self, z):
+    def decode(self, z, tile_size=None, tile_overlap=0.25):
         """z: (B, L, h, w) UNSCALED latents (divide diffusion latents by `cfg.scaling_factor` first)
-        -> (B, 3, 8h, 8w) images, roughly in [-1, 1]."""
+        -> (B, 3, 8h, 8w) images, roughly in [-1, 1], in the dtype of z.
+
+        tile_size (pixels, a multiple of 8): decode overlapping tiles of at most tile_size x tile_size pixels and
+        blend them (see `decode_tiled`); an image that fits in one tile is decoded whole, exactly as without.
+        """
+        if self.decoder is None:
+            raise ValueError("this VAE was built without its decoder (AutoencoderKL(cfg, decoder=False))")
         self._check_shape(z, self.cfg.latent_channels, "latents")
+        if tile_size is not None and (isinstance(tile_size, bool) or not isinstance(tile_size, int)
+                                      or tile_size < self.downscale or tile_size % self.downscale):
+            raise ValueError(f"tile_size must be a positive multiple of {self.downscale} pixels, got {tile_size!r}")
+        if not 0 <= tile_overlap < 1:
+            raise ValueError(f"tile_overlap must be in [0, 1), got {tile_overlap}")
+        with self.float32_if_half(self.post_quant_conv, self.decoder) as dtype:
+            tile = None if tile_size is None else tile_size // self.downscale  # in latent pixels
+            if tile is None or (z.shape[2] <= tile and z.shape[3] <= tile):
+                images = self._decode(z.to(dtype))
+            else:
+                images = self.decode_tiled(z.to(dtype), tile, tile_overlap)
+        return images.to(z.dtype)
+
+    def _decode(self, z):
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z)
 
+    def decode_tiled(self, z, tile, overlap):
+        """Decode (B, L, h, w) latents as tiles of tile x tile latent pixels that overlap by `overlap` of a tile.
 
-def latents_to_images(vae, latents):
-    """Diffusion latents (B, L, h, w), scaled by scaling_factor -> images (B, 3, 8h, 8w) in [0, 1]."""
-    images = vae.decode(latents / vae.cfg.scaling_factor)
+        Each tile's pixels get a weight that ramps up linearly over the overlap from its edges; the image is the
+        weighted mean of the tiles covering each pixel. Like diffusers' tiled decode this is an approximation:
+        GroupNorm statistics and the mid-block attention see one tile, not the whole image, so colours can shift
+        slightly between tiles. Peak memory is that of one tile.
+        """
+        f, (B, _, h, w) = self.downscale, z.shape
+        stride = max(1, round(tile * (1 - overlap)))
+        ramp = max(1, (tile - stride) * f)  # pixels over which a tile fades in
+
+        def starts(size):  # tile origins covering 0..size, the last one flush with the end
+            if size <= tile:
+                return [0]
+            origins = list(range(0, size - tile, stride))
+            return origins + [size - tile]
+
+        def fade(n):  # (n,) weights in (0, 1]: small at both ends, 1 in the middle
+            i = torch.arange(n, dtype=torch.float32, device=z.device)
+            return torch.minimum((i + 1) / (ramp + 1), (n - i) / (ramp + 1)).clamp(max=1.0)
+
+        images = weights = None
+        for y in starts(h):
+            for x in starts(w):
+                part = self._decode(z[:, :, y : y + tile, x : x + tile]).float()  # (B, 3, th*f, tw*f)
+                if images is None:
+                    images = torch.zeros(B, part.shape[1], h * f, w * f, device=z.device)
+                    weights = torch.zeros(1, 1, h * f, w * f, device=z.device)
+                wy, wx = fade(part.shape[2]), fade(part.shape[3])
+                weight = wy[:, None] * wx[None, :]  # (th*f, tw*f)
+                rows, cols = slice(y * f, y * f + part.shape[2]), slice(x * f, x * f + part.shape[3])
+                images[:, :, rows, cols] += part * weight
+                weights[:, :, rows, cols] += weight
+        return (images / weights).to(z.dtype)
+
+
+def latents_to_images(vae, latents, tile_size=None):
+    """Diffusion latents (B, L, h, w), scaled by scaling_factor -> images (B, 3, 8h, 8w) in [0, 1].
+    tile_size: see `AutoencoderKL.decode` (approximate, for large images)."""
+    images = vae.decode(latents / vae.cfg.scaling_factor, tile_size=tile_size)
     return (images / 2 + 0.5).clamp(0, 1)
 
 
