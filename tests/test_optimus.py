@@ -15,39 +15,16 @@ from transformers import BertConfig, BertModel, BertTokenizer, GPT2Config, GPT2L
 from transformers.cache_utils import DynamicCache
 from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegacy
 
+import weights_loader
 from minivd.optimus import GPT2_ADDED_TOKENS, Optimus, OptimusConfig, load_tokenizers, write_tiny_vocabs
 
 ATOL = 1e-5  # fp32 hidden states / logits
-RULES = [  # optimus-vae.pth key -> minivd name; None drops the key
-    (r"^decoder\.transformer\.h\.\d+\.attn\.bias$", None),  # the original's causal-mask buffer
-    (r"^decoder\.lm_head\.weight$", None),  # tied to decoder.transformer.wte.weight
-    (r"^decoder\.transformer\.", "decoder."),
-    (r"^encoder\.encoder\.layer\.", "encoder.layers."),
-    (r"^encoder\.embeddings\.LayerNorm\.", "encoder.embeddings.norm."),
-    (r"^encoder\.pooler\.dense\.", "encoder.pooler."),
-    (r"\.attention\.self\.", ".attn."),
-    (r"\.attention\.output\.dense\.", ".attn.out."),
-    (r"\.attention\.output\.LayerNorm\.", ".attn_norm."),
-    (r"\.intermediate\.dense\.", ".mlp_in."),
-    (r"\.output\.dense\.", ".mlp_out."),
-    (r"\.output\.LayerNorm\.", ".mlp_norm."),
-]
+RULES = weights_loader.OPTIMUS_RULES  # optimus-vae.pth key -> minivd name; None drops the key
 TEXTS = ["A cat sitting on a red couch.", "two dogs run across the GREEN grass in the park, isn't it lovely?"]
 
 
 def rename(sd):
-    out = {}
-    for key, value in sd.items():
-        for pattern, replacement in RULES:
-            if replacement is None:
-                if re.search(pattern, key):
-                    key = None
-                    break
-            else:
-                key = re.sub(pattern, replacement, key)
-        if key is not None:
-            out[key] = value
-    return out
+    return {name: value for key, value in sd.items() if (name := weights_loader.rename(key, RULES)) is not None}
 
 
 def randomize(model, seed):
