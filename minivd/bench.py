@@ -126,8 +126,9 @@ def random_state_dict(module, generator, dtype, buffers=True):
                 t.normal_(0.0, 0.02, generator=generator)
             state[f"{prefix}.{name}" if prefix else name] = t.to(dtype)
     for key, b in module.state_dict().items() if buffers else ():  # persistent buffers (e.g. CLIP position_ids)
-        if key not in state:
-            state[key] = torch.arange(b.shape[-1]).expand(b.shape).clone() if not b.is_floating_point() else torch.zeros(b.shape, dtype=dtype)
+        if key not in state:  # integer buffers are position ids (0 .. n-1); float ones start at zero
+            arange = torch.arange(b.shape[-1]).expand(b.shape).clone() if b.shape else torch.tensor(0)
+            state[key] = torch.zeros(b.shape, dtype=dtype) if b.is_floating_point() else arange
     return state
 
 
@@ -151,7 +152,8 @@ def write_optimus(folder, sizes, latent_dim, generator, dtype):
         bert = BertModel(BertConfig(hidden_act="gelu", **sizes["bert"]))
         gpt2 = GPT2Model(GPT2Config(activation_function="gelu_new", **sizes["gpt2"]))
     state = {"encoder." + k: v for k, v in random_state_dict(bert, generator, dtype, buffers=False).items()}
-    state.update({"decoder.transformer." + k: v for k, v in random_state_dict(gpt2, generator, dtype, buffers=False).items()})
+    gpt2_state = random_state_dict(gpt2, generator, dtype, buffers=False)
+    state.update({"decoder.transformer." + k: v for k, v in gpt2_state.items()})
     width, layers = sizes["gpt2"]["n_embd"], sizes["gpt2"]["n_layer"]
     for key, shape in [("encoder.linear.weight", (2 * latent_dim, sizes["bert"]["hidden_size"])),
                        ("decoder.transformer.linear.weight", (layers * width, latent_dim)),
@@ -268,7 +270,8 @@ def load_diffusers(folder, flow, device, dtype):
     parts = {}
     for name in names:
         weights = isinstance(classes[name], type) and issubclass(classes[name], nn.Module)
-        parts[name] = classes[name].from_pretrained(os.path.join(folder, name), **({"torch_dtype": dtype} if weights else {}))
+        kwargs = {"torch_dtype": dtype} if weights else {}
+        parts[name] = classes[name].from_pretrained(os.path.join(folder, name), **kwargs)
     pipe = pipeline(**parts)
     if flow == "dual-guided":  # diffusers >= 0.17 passes an argument its DualTransformer2DModel does not take
         for module in pipe.image_unet.modules():
