@@ -11,11 +11,12 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import BertConfig, BertModel, BertTokenizer, GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
+from transformers import BertTokenizer, GPT2LMHeadModel, GPT2Tokenizer
 from transformers.cache_utils import DynamicCache
 from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegacy
 
 import weights_loader
+from tiny_vd import bert_and_gpt2
 from minivd.optimus import GPT2_ADDED_TOKENS, Optimus, OptimusConfig, load_tokenizers, write_tiny_vocabs
 
 ATOL = 1e-5  # fp32 hidden states / logits
@@ -48,17 +49,7 @@ def vocab_dir(tmp_path_factory):
 def setup(vocab_dir):
     """(cfg, reference BertModel, reference GPT2LMHeadModel, official-layout state dict)."""
     cfg = OptimusConfig.tiny()
-    bert = BertModel(BertConfig(
-        vocab_size=cfg.encoder_vocab_size, hidden_size=cfg.encoder_hidden, num_hidden_layers=cfg.encoder_layers,
-        num_attention_heads=cfg.encoder_heads, intermediate_size=cfg.encoder_mlp, hidden_act="gelu",
-        max_position_embeddings=cfg.encoder_positions, type_vocab_size=cfg.encoder_type_vocab,
-        layer_norm_eps=cfg.encoder_eps, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-        attn_implementation="eager")).eval()
-    gpt2 = GPT2LMHeadModel(GPT2Config(
-        vocab_size=cfg.decoder_vocab_size, n_positions=cfg.decoder_positions, n_embd=cfg.decoder_hidden,
-        n_layer=cfg.decoder_layers, n_head=cfg.decoder_heads, n_inner=cfg.decoder_mlp, activation_function="gelu_new",
-        layer_norm_epsilon=cfg.decoder_eps, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        bos_token_id=None, eos_token_id=None, attn_implementation="eager")).eval()
+    bert, gpt2 = bert_and_gpt2(cfg)
     randomize(bert, 1), randomize(gpt2, 2)
     assert gpt2.lm_head.weight is gpt2.transformer.wte.weight
     gen = torch.Generator().manual_seed(3)

@@ -89,16 +89,10 @@ def build_tiny_vd(folder, fmt="safetensors", legacy_vae=False, seed=0, optimus=T
     return folder
 
 
-def tiny_optimus_references(latent_dim=32, seed=0):
-    """transformers BertModel + GPT2LMHeadModel at minivd's tiny Optimus sizes, and the optimus-vae.pth state dict
-    (the original code's names: encoder.* = BERT + latent head, decoder.transformer.* = GPT-2 + linear, linear_emb)."""
+def bert_and_gpt2(cfg):
+    """transformers' BertModel and GPT2LMHeadModel at an OptimusConfig's sizes (eager attention, no dropout)."""
     from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
 
-    from minivd.optimus import OptimusConfig
-
-    cfg = OptimusConfig.tiny()
-    cfg.latent_dim = latent_dim
-    torch.manual_seed(seed)
     bert = BertModel(BertConfig(
         vocab_size=cfg.encoder_vocab_size, hidden_size=cfg.encoder_hidden, num_hidden_layers=cfg.encoder_layers,
         num_attention_heads=cfg.encoder_heads, intermediate_size=cfg.encoder_mlp, hidden_act="gelu",
@@ -110,6 +104,18 @@ def tiny_optimus_references(latent_dim=32, seed=0):
         n_layer=cfg.decoder_layers, n_head=cfg.decoder_heads, n_inner=cfg.decoder_mlp, activation_function="gelu_new",
         layer_norm_epsilon=cfg.decoder_eps, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         bos_token_id=None, eos_token_id=None, attn_implementation="eager")).eval()
+    return bert, gpt2
+
+
+def tiny_optimus_references(latent_dim=32, seed=0):
+    """transformers BertModel + GPT2LMHeadModel at minivd's tiny Optimus sizes, and the optimus-vae.pth state dict
+    (the original code's names: encoder.* = BERT + latent head, decoder.transformer.* = GPT-2 + linear, linear_emb)."""
+    from minivd.optimus import OptimusConfig
+
+    cfg = OptimusConfig.tiny()
+    cfg.latent_dim = latent_dim
+    torch.manual_seed(seed)
+    bert, gpt2 = bert_and_gpt2(cfg)
     with torch.no_grad():
         for model in (bert, gpt2):
             for p in model.parameters():
