@@ -50,7 +50,6 @@ from .tokenizer import CLIPTokenizer
 from .unet import FLOWS, DualContextUNet, UNetConfig
 from .vae import AutoencoderKL, VAEConfig
 
-IMAGE_FLOWS = ("text-to-image", "image-variation", "dual-guided")
 MODULES = ("text_encoder", "image_encoder", "vae", "optimus")  # everything besides the UNet
 
 UNET_FILES = {"diffusers": ("image_unet", "text_unet"), "original": ("unet",)}  # the UNet's weight components

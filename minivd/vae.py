@@ -23,7 +23,6 @@ Lean and fast paths (none change float32 results):
                                         VAE's activations can exceed float16's range. bfloat16 runs as it is.
 """
 
-import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -338,22 +337,3 @@ def images_to_latents(vae, images):
         )
     mean, _ = vae.encode(2 * images - 1)
     return mean * vae.cfg.scaling_factor
-
-
-# the weights of the mid-block attention projections, under their old or new names
-_ATTENTION_WEIGHT = re.compile(r"attentions\.\d+\.(query|key|value|proj_attn|to_q|to_k|to_v|to_out)\.(0\.)?weight$")
-
-
-def fix_vae_legacy_shapes(state_dict):
-    """Reshape mid-block attention projections stored as 1x1 convs, (C, C, 1, 1), to Linear weights (C, C).
-
-    Not needed for the official VD file (its old `query/key/value/proj_attn` tensors are already (C, C)); it guards
-    checkpoints converted from LDM-style weights without squeezing. Rename rules cannot reshape, hence this function.
-    Returns a new dict; other tensors are passed through unchanged.
-    """
-    fixed = {}
-    for name, tensor in state_dict.items():
-        if _ATTENTION_WEIGHT.search(name) and tensor.ndim == 4:
-            tensor = tensor[:, :, 0, 0]  # (C, C, 1, 1) -> (C, C)
-        fixed[name] = tensor
-    return fixed

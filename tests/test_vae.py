@@ -5,20 +5,14 @@ import re
 import pytest
 import torch
 
-from minivd.vae import AutoencoderKL, VAEConfig, fix_vae_legacy_shapes, images_to_latents, latents_to_images
+import weights_loader
+from minivd.vae import AutoencoderKL, VAEConfig, images_to_latents, latents_to_images
 
 diffusers = pytest.importorskip("diffusers")
 
 ATOL = 1e-5  # fp32, on moments, decoded images and [0, 1] images
 
-# official diffusers VAE key -> minivd name, applied in order (the legacy attention names come first)
-RULES = [
-    (r"(attentions\.\d+)\.query\.", r"\1.to_q."),
-    (r"(attentions\.\d+)\.key\.", r"\1.to_k."),
-    (r"(attentions\.\d+)\.value\.", r"\1.to_v."),
-    (r"(attentions\.\d+)\.proj_attn\.", r"\1.to_out."),
-    (r"\.to_out\.0\.", ".to_out."),
-]
+RULES = weights_loader.VAE_RULES  # official diffusers VAE key -> minivd name (legacy attention names first)
 
 # shi-labs/versatile-diffusion vae/config.json (the sizes that matter)
 VD_VAE_CONFIG = {
@@ -40,12 +34,7 @@ TINY = dict(VD_VAE_CONFIG, block_out_channels=[32, 64], norm_num_groups=8, sampl
 
 
 def rename(state_dict):
-    out = {}
-    for name, tensor in state_dict.items():
-        for pattern, replacement in RULES:
-            name = re.sub(pattern, replacement, name)
-        out[name] = tensor
-    return out
+    return {weights_loader.rename(name, RULES): tensor for name, tensor in state_dict.items()}
 
 
 def to_legacy_names(state_dict):
@@ -132,7 +121,7 @@ def test_legacy_attention_names_from_bin(tmp_path):
 
     loaded = torch.load(tmp_path / "diffusion_pytorch_model.bin", weights_only=True)
     vae = AutoencoderKL(VAEConfig.from_hf_config(config)).eval()
-    vae.load_state_dict(rename(fix_vae_legacy_shapes(loaded)), strict=True)
+    vae.load_state_dict(rename(loaded), strict=True)
     torch.manual_seed(3)
     x, z = torch.rand(1, 3, 16, 16) * 2 - 1, torch.randn(1, 4, 8, 8)
     with torch.no_grad():
@@ -152,7 +141,7 @@ def test_legacy_names_are_what_diffusers_accepts(tmp_path):
         assert torch.equal(reloaded.state_dict()[name], tensor), name
 
 
-def test_conv_shaped_attention_weights_need_the_fix():
+def test_conv_shaped_attention_weights_load_through_the_loader(tmp_path):
     ref, config = tiny_reference()
     sd = to_legacy_names(ref.state_dict())
     conv_shaped = {k: (v[:, :, None, None] if re.search(r"attentions\.0\.\w+\.weight$", k) and v.ndim == 2 else v)
@@ -161,7 +150,11 @@ def test_conv_shaped_attention_weights_need_the_fix():
     vae = AutoencoderKL(VAEConfig.from_hf_config(config)).eval()
     with pytest.raises(RuntimeError, match="size mismatch"):
         vae.load_state_dict(rename(conv_shaped), strict=True)
-    vae.load_state_dict(rename(fix_vae_legacy_shapes(conv_shaped)), strict=True)
+    torch.save(conv_shaped, tmp_path / "diffusion_pytorch_model.bin")  # the loader drops the trailing 1x1 dims
+    source = weights_loader.TensorFile(str(tmp_path / "diffusion_pytorch_model.bin"))
+    with torch.device("meta"):
+        vae = AutoencoderKL(VAEConfig.from_hf_config(config)).eval()
+    weights_loader.load_into(vae, [(source, RULES)])
     z = torch.randn(1, 4, 8, 8)
     with torch.no_grad():
         assert max_diff(vae.decode(z), ref.decode(z).sample) < ATOL
