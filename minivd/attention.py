@@ -135,7 +135,8 @@ class ContextBlock(nn.Module):
         """x: (B, C, H, W), context: (B, M, Cc) -> (B, C, H, W)."""
         B, C, H, W = x.shape
         h = self.proj_in(self.norm(x))
-        h = h.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H*W, C)
+        # (B, C, H, W) -> (B, H*W, C) and back. contiguous(): strided tokens or channels-last maps run slower
+        h = h.flatten(2).transpose(1, 2).contiguous()
         h = self.block(h, context)
-        h = h.transpose(1, 2).reshape(B, C, H, W)  # (B, H*W, C) -> (B, C, H, W)
+        h = h.transpose(1, 2).reshape(B, C, H, W).contiguous()
         return self.proj_out(h) + x
