@@ -19,11 +19,11 @@ Lean and fast paths (none change float32 results):
     AutoencoderKL(cfg, encoder=False)   decoder only, for flows that never encode an image (text-to-image, ...)
     decode(z, tile_size=512)            decode in overlapping tiles blended together: bounded memory for large
                                         images, APPROXIMATE (each tile normalises and attends on its own)
-    float16 weights                     encode/decode run in float32 (see `AutoencoderKL.float32_if_half`): the
-                                        VAE's activations can exceed float16's range. bfloat16 runs as it is.
+    float16 weights                     encode/decode run in float16; a result with inf/NaN (the VAE's activations
+                                        can exceed float16's range) is computed again in float32
+                                        (`AutoencoderKL.half_guarded`). bfloat16 has float32's range.
 """
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -218,27 +218,27 @@ class AutoencoderKL(nn.Module):
         if x.ndim != 4 or x.shape[1] != channels:
             raise ValueError(f"{what} must be (B, {channels}, H, W), got shape {tuple(x.shape)}")
 
-    @contextmanager
-    def float32_if_half(self, *modules):
-        """Run `modules` in float32 while inside the block if their weights are float16 (and cfg.force_upcast).
+    def half_guarded(self, run, x, modules):
+        """run(x) with `modules` in their own dtype; for float16 weights (and cfg.force_upcast), once more in float32
+        if that result holds inf or NaN.
 
-        The VAE's activations can exceed float16's range (65504) at large images and turn into inf/NaN (diffusers'
-        `force_upcast` guards against the same). The weights are cast to float32 on entry and back on exit
-        (lossless: every float16 is a float32): a float32 copy of the half (~200 MB for the VD decoder) and float32
-        activations exist only while it runs. bfloat16 has float32's range and runs as it is. Yields the dtype.
+        The VAE's activations can exceed float16's range (65504) at large images (diffusers' `force_upcast` guards
+        against the same). Checking the result instead of always upcasting keeps the usual case at float16's
+        memory; only an overflowing call pays for float32 weights (a lossless cast, undone after) and activations.
+        bfloat16 has float32's range and never needs it. Returns a tensor in the dtype of x.
         """
+        out = run(x)
+        if not (self.cfg.force_upcast and out.dtype == torch.float16) or torch.isfinite(out).all():
+            return out.to(x.dtype)
+        del out  # overflowed: free it before the float32 run
         modules = [m for m in modules if m is not None]
-        dtype = next(modules[0].parameters()).dtype
-        upcast = self.cfg.force_upcast and dtype == torch.float16
-        if upcast:
-            for m in modules:
-                m.float()
+        for m in modules:
+            m.float()
         try:
-            yield torch.float32 if upcast else dtype
+            return run(x.float()).to(x.dtype)
         finally:
-            if upcast:
-                for m in modules:
-                    m.half()
+            for m in modules:
+                m.half()
 
     def encode(self, x):
         """x: (B, 3, H, W) images in [-1, 1] -> (mean, logvar), each (B, L, H/8, W/8), in the dtype of x.
@@ -250,11 +250,14 @@ class AutoencoderKL(nn.Module):
         if self.encoder is None:
             raise ValueError("this VAE was built without its encoder (AutoencoderKL(cfg, encoder=False))")
         self._check_shape(x, self.cfg.in_channels, "images")
-        with self.float32_if_half(self.encoder, self.quant_conv) as dtype:
-            moments = self.encoder(x.to(dtype))
-            if self.quant_conv is not None:
-                moments = self.quant_conv(moments)
-        mean, logvar = moments.to(x.dtype).chunk(2, dim=1)  # (B, 2L, h, w) -> 2 x (B, L, h, w)
+
+        def moments_of(x):
+            moments = self.encoder(x)
+            return moments if self.quant_conv is None else self.quant_conv(moments)
+
+        dtype = next(self.encoder.parameters()).dtype
+        moments = self.half_guarded(moments_of, x.to(dtype), [self.encoder, self.quant_conv]).to(x.dtype)
+        mean, logvar = moments.chunk(2, dim=1)  # (B, 2L, h, w) -> 2 x (B, L, h, w)
         return mean, logvar.clamp(-30.0, 20.0)
 
     def decode(self, z, tile_size=None, tile_overlap=0.25):
@@ -272,13 +275,13 @@ class AutoencoderKL(nn.Module):
             raise ValueError(f"tile_size must be a positive multiple of {self.downscale} pixels, got {tile_size!r}")
         if not 0 <= tile_overlap < 1:
             raise ValueError(f"tile_overlap must be in [0, 1), got {tile_overlap}")
-        with self.float32_if_half(self.post_quant_conv, self.decoder) as dtype:
-            tile = None if tile_size is None else tile_size // self.downscale  # in latent pixels
-            if tile is None or (z.shape[2] <= tile and z.shape[3] <= tile):
-                images = self._decode(z.to(dtype))
-            else:
-                images = self.decode_tiled(z.to(dtype), tile, tile_overlap)
-        return images.to(z.dtype)
+        tile = None if tile_size is None else tile_size // self.downscale  # in latent pixels
+        if tile is None or (z.shape[2] <= tile and z.shape[3] <= tile):
+            run = self._decode
+        else:
+            run = lambda z: self.decode_tiled(z, tile, tile_overlap)
+        dtype = next(self.decoder.parameters()).dtype
+        return self.half_guarded(run, z.to(dtype), [self.post_quant_conv, self.decoder]).to(z.dtype)
 
     def _decode(self, z):
         if self.post_quant_conv is not None:

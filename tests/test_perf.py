@@ -190,7 +190,7 @@ def overflowing_vae():
     return vae.half()
 
 
-def test_float16_vae_decodes_in_float32():
+def test_float16_vae_decodes_again_in_float32_when_float16_overflows():
     vae16 = overflowing_vae()
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)).half()
     naive = copy.deepcopy(vae16)
@@ -208,19 +208,51 @@ def test_float16_vae_decodes_in_float32():
         assert torch.equal(vae16.decode(z, tile_size=64), got)  # one tile: the same guarded path
 
 
-def test_float16_guard_also_covers_encode_and_leaves_bfloat16_alone():
+def test_float16_vae_stays_in_float16_when_nothing_overflows():
     vae16 = tiny_vae(seed=4).half()
+    naive = copy.deepcopy(vae16)
+    naive.cfg = dataclasses.replace(vae16.cfg, force_upcast=False)  # plain float16, no guard
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)).half()
     x = (torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1).half()
+    calls = []
+    hook = vae16.decoder.conv_in.register_forward_pre_hook(lambda m, args: calls.append(args[0].dtype))
+    with torch.no_grad():
+        images = vae16.decode(z)
+        assert torch.equal(images, naive.decode(z))  # the float16 computation itself, not a float32 one cast down
+        mean, logvar = vae16.encode(x)
+        assert torch.equal(mean, naive.encode(x)[0])
+    hook.remove()
+    assert calls == [torch.float16] and images.dtype == mean.dtype == logvar.dtype == torch.float16
     reference = copy.deepcopy(vae16).float()
     with torch.no_grad():
+        mean_ref, _ = reference.encode(x.float())
+        images_ref = reference.decode(z.float())
+    assert (mean.float() - mean_ref).abs().max() < HALF_TOL * max(1.0, mean_ref.abs().max().item())
+    assert (images.float() - images_ref).abs().max() < HALF_TOL * max(1.0, images_ref.abs().max().item())
+
+
+def test_float16_guard_covers_encode_and_leaves_bfloat16_alone():
+    vae16 = tiny_vae(seed=4).half()
+    with torch.no_grad():
+        vae16.encoder.conv_in.weight.mul_(2e5)  # encoder features beyond float16's range
+        vae16.encoder.conv_in.bias.mul_(2e5)
+    naive = copy.deepcopy(vae16)
+    naive.cfg = dataclasses.replace(vae16.cfg, force_upcast=False)
+    reference = copy.deepcopy(vae16).float()
+    x = (torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1).half()
+    with torch.no_grad():
+        assert not torch.isfinite(naive.encode(x)[0]).all()
         mean, logvar = vae16.encode(x)
         mean_ref, _ = reference.encode(x.float())
-    assert mean.dtype == logvar.dtype == torch.float16
+    assert mean.dtype == logvar.dtype == torch.float16 and torch.isfinite(mean).all()
     assert (mean.float() - mean_ref).abs().max() < HALF_TOL * max(1.0, mean_ref.abs().max().item())
+    assert all(p.dtype == torch.float16 for p in vae16.parameters())
     vae_bf16 = tiny_vae(seed=4).to(torch.bfloat16)
-    with vae_bf16.float32_if_half(vae_bf16.decoder) as dtype:
-        assert dtype == torch.bfloat16
-    assert vae_bf16.decode(torch.randn(1, 4, 4, 4, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    dtypes = []
+    vae_bf16.decoder.conv_in.register_forward_pre_hook(lambda m, args: dtypes.append(args[0].dtype))
+    with torch.no_grad():
+        assert vae_bf16.decode(torch.randn(1, 4, 4, 4, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    assert dtypes == [torch.bfloat16]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
