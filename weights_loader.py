@@ -189,8 +189,20 @@ def find_weights(folder):
     raise FileNotFoundError(f"no weights file in {folder} (expected one of {', '.join(WEIGHT_NAMES)})")
 
 
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
 class TensorFile:
-    """Lazy, read-only access to the tensors of one .safetensors or pickled .bin file."""
+    """Lazy, read-only access to the tensors of one .safetensors or pickled .bin file.
+
+    `get` reads one tensor in one of two ways, so that a whole second copy of the weights never exists:
+      - on the CPU in the stored dtype, the tensor *is* the memory-mapped file: no copy, pages are read on first use;
+      - otherwise (another dtype, or a GPU), a safetensors tensor is read with plain file reads into a temporary
+        buffer, moved to the device, then cast there: only the result stays, no mapped pages or CPU-side cast copy.
+    A pickle is memory-mapped by torch.load; its pages are released when this object is dropped.
+    """
 
     def __init__(self, path):
         self.path = path
@@ -198,11 +210,12 @@ class TensorFile:
             from safetensors import safe_open
 
             try:
-                self._file = safe_open(path, framework="pt", device="cpu")
+                self._file = safe_open(path, framework="pt", device="cpu")  # validates the header and the sizes
                 self._keys = list(self._file.keys())
+                self._entries, self._data_start = read_safetensors_header(path)
             except Exception as e:
                 raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
-            self._shapes = {k: tuple(self._file.get_slice(k).get_shape()) for k in self._keys}
+            self._shapes = {k: tuple(self._entries[k][1]) for k in self._keys}
         else:
             self._file = load_pickle(path)
             self._keys = list(self._file.keys())
@@ -215,13 +228,40 @@ class TensorFile:
         return self._shapes[key]
 
     def get(self, key, device="cpu", dtype=None):
+        device = torch.device(device)
         try:
-            t = self._file[key] if isinstance(self._file, dict) else self._file.get_tensor(key)
+            if isinstance(self._file, dict):
+                t = self._file[key]
+            elif device.type == "cpu" and (dtype is None or not self._entries[key][0].is_floating_point
+                                           or self._entries[key][0] == dtype):
+                t = self._file.get_tensor(key)  # a view of the mapped file
+            else:
+                t = self._read(key)
         except Exception as e:
             raise ValueError(f"{self.path}: tensor {key!r} could not be read (truncated or corrupt file?): {e}") from e
-        if dtype is not None and t.is_floating_point():
-            t = t.to(dtype)
-        return t.to(device)
+        t = t.to(device)  # in the stored dtype: a GPU casts faster, and no CPU copy in the new dtype is made
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+    def _read(self, key):
+        """One safetensors tensor read into fresh CPU memory with ordinary file reads (no memory map)."""
+        dtype, shape, (begin, end) = self._entries[key]
+        buffer = torch.empty(end - begin, dtype=torch.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(self._data_start + begin)
+            if f.readinto(buffer.numpy()) != end - begin:
+                raise ValueError(f"the file ends inside tensor {key!r}")
+        return buffer.view(dtype).reshape(shape)
+
+
+def read_safetensors_header(path):
+    """The layout of a .safetensors file: 8 bytes (little-endian header length n), n bytes of JSON, then the raw
+    tensor bytes. Returns ({key: (torch dtype, shape, (begin, end) byte offsets in the data)}, where the data starts)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    entries = {k: (SAFETENSORS_DTYPES[v["dtype"]], v["shape"], v["data_offsets"]) for k, v in header.items()}
+    return entries, 8 + n
 
 
 def load_pickle(path):

@@ -196,7 +196,7 @@ class VersatileDiffusion:
         self.is_demo = False
         self.attention_slice = self.vae_tile_size = None  # enable_low_memory
         self.offload = False
-        self._files = {}  # path -> weights_loader.TensorFile, opened once (both CLIP towers share one file)
+        self._files = {}  # path -> weights_loader.TensorFile, open during one prepare() (the CLIP towers may share one)
 
     # ------------------------------------------------------------------------------------------------------------
     # Construction
@@ -346,6 +346,7 @@ class VersatileDiffusion:
             for kind in list(self.unet.context):
                 if kind not in contexts:
                     del self.unet.context[kind]
+        self._files.clear()  # close the files: mapped pages that no loaded tensor views are released
         self.unet.eval()
         return self
 

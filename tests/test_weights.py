@@ -179,3 +179,49 @@ def test_pickle_that_runs_code_is_refused(tiny_vd_bin, tmp_path):
     with pytest.raises(ValueError, match="refusing to load"):
         minivd.load(str(broken))
     assert not marker.exists()
+
+
+def test_tensors_read_in_another_dtype_equal_the_safetensors_reference(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"f32": torch.randn(3, 5, generator=g), "f16": torch.randn(7, generator=g).half(),
+               "bf16": torch.randn(2, 2, 2, generator=g).bfloat16(), "i64": torch.arange(6).reshape(2, 3),
+               "bool": torch.tensor([True, False, True]), "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4)}
+    path = str(tmp_path / "t.safetensors")
+    save_file(tensors, path, metadata={"format": "pt"})
+    reference, tf = load_file(path), weights_loader.TensorFile(path)
+    for key, expected in reference.items():
+        assert tf.shape(key) == tuple(expected.shape)
+        for dtype in (None, torch.float32, torch.float16, torch.bfloat16):
+            got = tf.get(key, dtype=dtype)
+            want = expected.to(dtype) if dtype is not None and expected.is_floating_point() else expected
+            assert got.dtype == want.dtype and torch.equal(got, want), (key, dtype)
+
+
+MAPPED_PAGES = """
+import sys, torch, weights_loader
+def rss_file():
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("RssFile")) / 1024
+tf = weights_loader.TensorFile(sys.argv[1])
+torch.ones(8).bfloat16().float().sum()  # load the code pages this uses before measuring
+before = rss_file()
+kept = [tf.get(k, dtype=None if sys.argv[2] == "stored" else torch.bfloat16) for k in tf.keys()]
+print(sum(t.float().sum().item() for t in kept) * 0, rss_file() - before)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads Linux's /proc")
+def test_a_dtype_change_keeps_no_mapped_copy_of_the_file(tmp_path):
+    from safetensors.torch import save_file
+
+    path = str(tmp_path / "big.safetensors")
+    save_file({f"w{i}": torch.rand(1024, 1024) for i in range(8)}, path)  # 32 MiB of float32
+    grown = {}
+    for mode in ("stored", "bfloat16"):
+        done = subprocess.run([sys.executable, "-c", MAPPED_PAGES, path, mode], capture_output=True, text=True,
+                              env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__))))
+        assert done.returncode == 0, done.stderr
+        grown[mode] = float(done.stdout.split()[-1])  # MiB of mapped file pages resident after reading
+    assert grown["stored"] > 24  # the control: zero-copy tensors are the mapped file, so its pages count
+    assert grown["bfloat16"] < 8  # a cast copy is read with file reads: no mapped pages stay behind
