@@ -1,5 +1,7 @@
 """Lean loading and the memory/speed options: what is loaded per flow, and that the options keep the numbers."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -43,3 +45,13 @@ def test_bfloat16_on_cpu_runs_close_to_float32(tiny_vd):
 def test_compile_needs_a_loaded_unet(tiny_vd):
     with pytest.raises(ValueError, match="prepare"):
         minivd.load(tiny_vd).compile()
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="torch.compile needs a C++ compiler on the CPU")
+def test_compile_keeps_the_result(tiny_vd):
+    model = minivd.load(tiny_vd)
+    eager = minivd.generate("text-to-image", model=model, latents=latents(2), **RUN)
+    model.prepare("text-to-image").compile()
+    compiled = minivd.generate("text-to-image", model=model, latents=latents(2), **RUN)
+    assert hasattr(model.unet.forward, "_torchdynamo_orig_callable")  # the forward that ran was torch.compile's
+    assert np.abs(compiled - eager).max() < 1e-4  # fused kernels reorder float sums; nothing else may change
