@@ -240,7 +240,8 @@ def load_minivd(folder, flow, device, dtype):
     model = minivd.load(folder, device=device, dtype=dtype)
     model.prepare(flow)  # what generate would do first: read the weights this flow needs
     output = {"output": "np"} if flow in IMAGE_FLOWS else {}  # text flows return strings
-    return lambda steps, size, callback: minivd.generate(
+    modules = [model.unet, model.vae, model.text_encoder, model.image_encoder, model.optimus]
+    return held_gib(modules), lambda steps, size, callback: minivd.generate(
         flow, model=model, steps=steps, height=size, width=size, seed=0, callback=callback, **output, **inputs(flow))
 
 
@@ -284,16 +285,28 @@ def load_diffusers(folder, flow, device, dtype):
     pipe.set_progress_bar_config(disable=True)
     generator = lambda: torch.Generator().manual_seed(0)
     kwargs = dict(inputs(flow), **({"text_to_image_strength": 0.5} if flow == "dual-guided" else {}))
-    return lambda steps, size, callback: pipe(
+    return held_gib(pipe.components.values()), lambda steps, size, callback: pipe(
         num_inference_steps=steps, guidance_scale=7.5, height=size, width=size, generator=generator(),
         output_type="np", callback=callback, callback_steps=1, **kwargs)
+
+
+def held_gib(modules):
+    """GiB of the distinct parameters and buffers that `modules` hold (skipping None, non-modules and meta tensors):
+    the weights a flow keeps loaded, whether or not their pages are resident yet."""
+    sizes = {}
+    for module in modules:
+        if isinstance(module, nn.Module):
+            for t in [*module.parameters(), *module.buffers()]:
+                if t.device.type != "meta":
+                    sizes[t.data_ptr()] = t.numel() * t.element_size()
+    return sum(sizes.values()) / 2**30
 
 
 def measure(impl, folder, flow, size, device, dtype, steps):
     """Load, then generate with steps + 1 DDIM steps (the first one is the warm-up) at guidance 7.5."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     start = time.perf_counter()
-    run = {"minivd": load_minivd, "diffusers": load_diffusers}[impl](folder, flow, device, dtype)
+    weights_gib, run = {"minivd": load_minivd, "diffusers": load_diffusers}[impl](folder, flow, device, dtype)
     sync()
     load_s = time.perf_counter() - start
     stamps = []
@@ -305,7 +318,7 @@ def measure(impl, folder, flow, size, device, dtype, steps):
     start = time.perf_counter()
     run(steps + 1, size, callback)
     sync()
-    result = dict(load_s=load_s, generate_s=time.perf_counter() - start)
+    result = dict(load_s=load_s, generate_s=time.perf_counter() - start, weights_gib=weights_gib)
     if len(stamps) == steps + 1:
         result["step_s"] = (stamps[-1] - stamps[0]) / steps
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
@@ -387,14 +400,15 @@ def best_of(results):
     combined = {}
     for key in {k for r in good for k in r}:
         values = [r[key] for r in good if key in r]
-        combined[key] = max(values) if key in ("rss_gib", "cuda_gib", "load_1min") else min(values)
+        combined[key] = max(values) if key in ("rss_gib", "cuda_gib", "load_1min", "weights_gib") else min(values)
     return combined
 
 
 def table(rows, cuda):
     """rows: (flow, size, minivd result, diffusers result) -> a markdown table whose cells read
     'minivd / diffusers (ratio minivd/diffusers)', followed by the error messages as numbered notes."""
-    metrics = [("load s", "load_s"), ("s / step", "step_s"), ("generate s", "generate_s"), ("peak RSS GiB", "rss_gib")]
+    metrics = [("load s", "load_s"), ("s / step", "step_s"), ("generate s", "generate_s"), ("weights GiB", "weights_gib"),
+               ("peak RSS GiB", "rss_gib")]
     metrics += [("peak CUDA GiB", "cuda_gib")] if cuda else []
     notes = []
 
@@ -507,7 +521,8 @@ def main(argv=None):
         f"Device {args.device}, {args.dtype}; guidance 7.5, batch 1; best of {args.repeat} run(s) (fastest time, "
         f"largest memory); s / step = mean of {args.steps} step(s) after "
         f"one warm-up step; generate s = the whole call ({args.steps + 1} steps, encoders, VAE decode); load s = "
-        "folder to ready for the flow; peak RSS = the process's maximum resident memory (ru_maxrss). Each cell: "
+        "folder to ready for the flow; weights = the parameters the loaded modules hold (resident or not: memory-mapped "
+        "pages count in RSS once read); peak RSS = the process's maximum resident memory (ru_maxrss). Each cell: "
         "minivd / diffusers (ratio minivd/diffusers), each measured in a fresh process.",
         "",
         table(rows, args.device.startswith("cuda")),

@@ -286,14 +286,28 @@ def test_bench_builds_a_tiny_checkpoint_in_the_official_layout(bench_run):
 
 
 def test_bench_reports_both_implementations(bench_run):
-    _, report = bench_run
+    folder, report = bench_run
     assert "torch " + torch.__version__ in report and "| flow | size | load s | s / step |" in report
     row = next(line for line in report.splitlines() if line.startswith("| text-to-image | 64 |"))
     cells = [c.strip() for c in row.strip("|").split("|")][2:]
-    assert len(cells) == 4 and not any("error" in c for c in cells)
+    assert len(cells) == 5 and not any("error" in c for c in cells)
+    values = []
     for c in cells:  # "minivd / diffusers (ratio)": numbers, the ratio minivd / diffusers of the printed values
         mine, theirs, ratio = (float(v) for v in re.fullmatch(r"(\S+) / (\S+) \((\S+)\)", c).groups())
         assert mine > 0 and theirs > 0 and ratio == pytest.approx(mine / theirs, rel=0.02, abs=0.011)
+        values.append(mine)
+    # weights held for text-to-image, counted from the official files: image UNet without its context blocks
+    # (".attentions."), the text UNet's context blocks, CLIP text, and the VAE's decoder half
+    from safetensors import safe_open
+
+    def gib(component, keep):
+        path = weights_loader.find_weights(str(folder / component))
+        with safe_open(path, "pt") as f:
+            return sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys() if keep(k)) / 2**30
+
+    expected = (gib("image_unet", lambda k: ".attentions." not in k) + gib("text_unet", lambda k: ".attentions." in k)
+                + gib("text_encoder", lambda k: True) + gib("vae", lambda k: k.startswith(("decoder.", "post_quant"))))
+    assert values[3] == pytest.approx(expected, rel=0.005)
 
 
 def test_bench_reports_failures_as_cells(bench_run):
