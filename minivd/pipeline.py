@@ -14,8 +14,10 @@ Flows: text-to-image, image-variation, dual-guided, image-to-text, text-variatio
 multi-context: several images (each weighted, focused and optionally masked) and an optional prompt, mixed by ratio.
 """
 
+import ctypes
 import inspect
 import os
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -240,6 +242,42 @@ def to_pixels(images, height, width):
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
 
 
+def glibc():
+    """The C library, if it is glibc (its malloc tuning calls exist); None on other systems."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
+@contextmanager
+def reusing_freed_memory(device, limit=128 * 2**20):
+    """CPU speed: let glibc's malloc keep and reuse large freed blocks while the UNet runs step after step.
+
+    By default glibc hands each freed block above 128 KiB back to the OS, so every step page-faults its large
+    temporaries (activations, oneDNN's reordered conv weights) in again; on a 2-core CPU that is up to a quarter of
+    the step time. Inside this block, blocks up to `limit` bytes come from and return to the heap; on exit glibc's
+    default thresholds come back and malloc_trim gives the freed memory to the OS, so the VAE decode that follows
+    starts from a lean heap. It changes no number. Skipped on a GPU, off glibc, and when the MALLOC_*_THRESHOLD_
+    environment variables show the allocator is tuned already.
+    """
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, DEFAULT = -1, -3, 128 * 1024  # mallopt parameters (malloc.h), glibc's default
+    tuned = any(name in os.environ for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"))
+    libc = glibc() if device.type == "cpu" and not tuned else None
+    if libc is None:
+        yield
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, limit)
+    libc.mallopt(M_TRIM_THRESHOLD, 2 * limit)
+    try:
+        yield
+    finally:
+        libc.mallopt(M_MMAP_THRESHOLD, DEFAULT)
+        libc.mallopt(M_TRIM_THRESHOLD, DEFAULT)
+        libc.malloc_trim(0)
+
+
 def generate(mode, model=None, prompt=None, negative_prompt=None, image=None, negative_image=None, mix_ratio=0.5,
              steps=50, guidance_scale=7.5, eta=0.0, height=512, width=512, seed=None, latents=None, num_images=1,
              output="pil", callback=None, device=None, dtype=None,
@@ -314,7 +352,7 @@ def generate(mode, model=None, prompt=None, negative_prompt=None, image=None, ne
             callback(i, t, x, **state_for(callback, state))
 
     with torch.no_grad():
-        with model.running("unet"):
+        with model.running("unet"), reusing_freed_memory(model.device):
             x_0 = model.ddim.sample(denoiser, x_T, steps, guidance_scale, eta, generator, step_callback, start_step)
         result = decode(model, data, x_0, output, image, colour_adjust, seed, generator,
                         dict(max_length=max_length, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy))

@@ -1,6 +1,9 @@
 """Lean loading and the memory/speed options: what is loaded per flow, and that the options keep the numbers."""
 
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -55,3 +58,45 @@ def test_compile_keeps_the_result(tiny_vd):
     compiled = minivd.generate("text-to-image", model=model, latents=latents(2), **RUN)
     assert hasattr(model.unet.forward, "_torchdynamo_orig_callable")  # the forward that ran was torch.compile's
     assert np.abs(compiled - eager).max() < 1e-4  # fused kernels reorder float sums; nothing else may change
+
+
+HEAP_PROBE = """
+import ctypes, sys, torch, minivd
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+
+def mapped_by_a_4_mib_block():  # bytes glibc memory-maps (instead of taking from the heap) for a fresh 4 MiB tensor
+    before = libc.mallinfo2().hblkhd
+    block = torch.ones(2**20)
+    return libc.mallinfo2().hblkhd - before
+
+inside = []
+model = minivd.load(sys.argv[1])
+minivd.generate("text-to-image", model=model, prompt="a fox", steps=2, height=64, width=64, output="latent",
+                callback=lambda step, t, x: inside.append(mapped_by_a_4_mib_block()))
+print(inside, mapped_by_a_4_mib_block())
+"""
+
+
+def heap_probe(folder, **env):
+    """Run HEAP_PROBE in a fresh process: ([mapped bytes at each step], mapped bytes after generate)."""
+    env = dict({k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}, **env)
+    done = subprocess.run([sys.executable, "-c", HEAP_PROBE, str(folder)], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    inside, after = done.stdout.strip().rsplit("] ", 1)
+    return [int(v) for v in inside.strip("[").split(",")], int(after)
+
+
+@pytest.mark.skipif(minivd.pipeline.glibc() is None or not hasattr(minivd.pipeline.glibc(), "mallinfo2"),
+                    reason="needs glibc >= 2.33")
+def test_denoising_on_the_cpu_reuses_freed_heap_blocks(tiny_vd):
+    """During the steps a 4 MiB block comes from the heap; after generate, glibc's defaults map it again."""
+    inside, after = heap_probe(tiny_vd)
+    assert inside == [0, 0] and after >= 4 * 2**20
+    inside, after = heap_probe(tiny_vd, MALLOC_TRIM_THRESHOLD_="131072")  # a tuned allocator is left alone
+    assert min(inside) >= 4 * 2**20 and after >= 4 * 2**20
