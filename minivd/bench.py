@@ -516,8 +516,9 @@ def main(argv=None):
     report = "\n".join([
         f"## minivd vs diffusers: Versatile Diffusion, {'tiny' if args.tiny else 'full-size'} checkpoint ({folder})",
         "",
-        f"Machine: {machine()}. 1-minute load average after each measurement: {load} (above the core count, "
-        "other processes were competing and timings are slower and noisier).",
+        f"Machine: {machine()}. 1-minute load average after each measurement: {load} (the measurement itself "
+        f"keeps {args.threads or torch.get_num_threads()} threads busy; well above that, other processes were "
+        "competing and timings are slower and noisier).",
         f"Device {args.device}, {args.dtype}; guidance 7.5, batch 1; best of {args.repeat} run(s) (fastest time, "
         f"largest memory); s / step = mean of {args.steps} step(s) after "
         f"one warm-up step; generate s = the whole call ({args.steps + 1} steps, encoders, VAE decode); load s = "
