@@ -198,7 +198,7 @@ class CLIPVisionEncoder(nn.Module):
         self.config = cfg = cfg or CLIPVisionConfig()
         C = cfg.hidden_size
         num_tokens = 1 + (cfg.image_size // cfg.patch_size) ** 2
-        self.class_embedding = nn.Parameter(torch.randn(C) * C**-0.5)
+        self.class_embedding = nn.Parameter(nn.init.normal_(torch.empty(C), std=C**-0.5))
         self.patch_embedding = nn.Conv2d(cfg.num_channels, C, cfg.patch_size, stride=cfg.patch_size, bias=False)
         self.position_embedding = nn.Embedding(num_tokens, C)
         self.pre_layernorm = nn.LayerNorm(C, eps=cfg.layer_norm_eps)

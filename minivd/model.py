@@ -59,6 +59,25 @@ WEIGHT_EXTENSIONS = (".safetensors", ".pth")
 OPTIMUS_VOCABS = {"vocab.txt": "bert-base-cased-vocab.txt", "vocab.json": "gpt2-vocab.json", "merges.txt": "gpt2-merges.txt"}
 
 
+@contextmanager
+def shapes_only():
+    """Build modules as shapes only: on the meta device (no memory), with torch.nn.init's random fills switched off.
+
+    The fills have nothing to fill there, and on meta tensors `normal_` goes through torch's Python reference
+    implementations, which import the compiler stack the first time (about a second of every load).
+    """
+    fills = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "zeros_", "ones_")
+    saved = {name: getattr(torch.nn.init, name) for name in fills}
+    for name in fills:
+        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        for name, fill in saved.items():
+            setattr(torch.nn.init, name, fill)
+
+
 def flow_parts(flow):
     """What a flow uses: (UNet data layers, UNet context layers, modules besides the UNet).
 
@@ -262,7 +281,7 @@ class VersatileDiffusion:
 
     def plan_args(self, component):
         """(meta module, files and rules) for checking one component file in full."""
-        with torch.device("meta"):
+        with shapes_only():
             if component in UNET_FILES[self.layout]:
                 kinds = ("image", "text") if component == "unet" else (component.split("_")[0],)
                 module = DualContextUNet(self.unet_config, data=kinds, context=kinds)
@@ -316,14 +335,14 @@ class VersatileDiffusion:
         if vae_encoder and self.vae is not None and self.vae.encoder is None:
             self.vae = None  # read again, now with its encoder
         if self.unet is None:
-            with torch.device("meta"):
+            with shapes_only():
                 self.unet = DualContextUNet(self.unet_config, data=(), context=())
             prefixes = ["time_embed."]
         else:
             prefixes = []
         new_data = [d for d in (data,) if d not in self.unet.data]
         new_ctx = [c for c in contexts if c not in self.unet.context]
-        with torch.device("meta"):
+        with shapes_only():
             self.unet.add_layers(new_data, new_ctx)
         prefixes += [f"data.{d}." for d in new_data] + [f"context.{c}." for c in new_ctx]
         if prefixes:
@@ -332,7 +351,7 @@ class VersatileDiffusion:
             set_attention_slicing(self.unet, self.attention_slice)
         for component in MODULES:
             if component in wanted and getattr(self, component) is None:
-                with torch.device("meta"):
+                with shapes_only():
                     module = self._new(component, vae_encoder)
                 prefixes = module.weight_prefixes() if component == "vae" else None  # decoder-only: its keys alone
                 weights_loader.load_into(module, [self.source(component)], prefixes, self.storage_device, self.dtype)

@@ -70,23 +70,25 @@ class MallInfo2(ctypes.Structure):
 libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = MallInfo2
 
-def mapped_by_a_4_mib_block():  # bytes glibc memory-maps (instead of taking from the heap) for a fresh 4 MiB tensor
+def mapped_for(mib):  # bytes glibc memory-maps (instead of taking from the heap) for a fresh tensor of `mib` MiB
     before = libc.mallinfo2().hblkhd
-    block = torch.ones(2**20)
+    block = torch.ones(mib * 2**18)
     return libc.mallinfo2().hblkhd - before
 
 inside = []
 model = minivd.load(sys.argv[1])
 minivd.generate("text-to-image", model=model, prompt="a fox", steps=2, height=64, width=64, output="latent",
-                callback=lambda step, t, x: inside.append(mapped_by_a_4_mib_block()))
-print(inside, mapped_by_a_4_mib_block())
+                callback=lambda step, t, x: inside.append(mapped_for(int(sys.argv[2]))))
+print(inside, mapped_for(100))  # 100 MiB: larger than any block this run freed, below the 128 MiB limit
 """
 
 
-def heap_probe(folder, **env):
-    """Run HEAP_PROBE in a fresh process: ([mapped bytes at each step], mapped bytes after generate)."""
+def heap_probe(folder, inside_mib, **env):
+    """Run HEAP_PROBE in a fresh process: ([mapped bytes for a block allocated at each step], the same for a 100 MiB
+    block after generate returned)."""
     env = dict({k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}, **env)
-    done = subprocess.run([sys.executable, "-c", HEAP_PROBE, str(folder)], capture_output=True, text=True, env=env)
+    done = subprocess.run([sys.executable, "-c", HEAP_PROBE, str(folder), str(inside_mib)], capture_output=True,
+                          text=True, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     inside, after = done.stdout.strip().rsplit("] ", 1)
     return [int(v) for v in inside.strip("[").split(",")], int(after)
@@ -95,8 +97,26 @@ def heap_probe(folder, **env):
 @pytest.mark.skipif(minivd.pipeline.glibc() is None or not hasattr(minivd.pipeline.glibc(), "mallinfo2"),
                     reason="needs glibc >= 2.33")
 def test_denoising_on_the_cpu_reuses_freed_heap_blocks(tiny_vd):
-    """During the steps a 4 MiB block comes from the heap; after generate, glibc's defaults map it again."""
-    inside, after = heap_probe(tiny_vd)
-    assert inside == [0, 0] and after >= 4 * 2**20
-    inside, after = heap_probe(tiny_vd, MALLOC_TRIM_THRESHOLD_="131072")  # a tuned allocator is left alone
-    assert min(inside) >= 4 * 2**20 and after >= 4 * 2**20
+    """During the steps a 4 MiB block comes from the heap; after generate, glibc's defaults map big blocks again."""
+    inside, after = heap_probe(tiny_vd, 4)
+    assert inside == [0, 0] and after >= 100 * 2**20
+    inside, after = heap_probe(tiny_vd, 100, MALLOC_TRIM_THRESHOLD_="131072")  # a tuned allocator is left alone
+    assert min(inside) >= 100 * 2**20 and after >= 100 * 2**20
+
+
+def test_loading_builds_shapes_without_random_fills_or_the_compiler(tiny_vd):
+    """load/prepare build modules on the meta device with torch.nn.init switched off and restored; meta-device random
+    fills would import torch._dynamo, about a second of every load."""
+    probe = ("import sys, torch, minivd\n"
+             "fill = torch.nn.init.normal_\n"
+             "model = minivd.load(sys.argv[1])\n"
+             "for flow in ('text-to-image', 'image-variation', 'dual-guided', 'image-to-text', 'text-variation'):\n"
+             "    model.prepare(flow)\n"
+             "print('torch._dynamo' in sys.modules, torch.nn.init.normal_ is fill)\n")
+    done = subprocess.run([sys.executable, "-c", probe, str(tiny_vd)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False", "True"]
+    with pytest.raises(RuntimeError), minivd.model.shapes_only():
+        assert torch.nn.init.normal_(torch.ones(2)).device.type == "meta"
+        raise RuntimeError("the fills come back even after an error")
+    assert torch.nn.init.normal_(torch.zeros(1000)).std() > 0.5
