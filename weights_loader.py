@@ -216,6 +216,7 @@ class TensorFile:
             except Exception as e:
                 raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
             self._shapes = {k: tuple(self._entries[k][1]) for k in self._keys}
+            self._buffer = None  # see _read
         else:
             self._file = load_pickle(path)
             self._keys = list(self._file.keys())
@@ -243,9 +244,13 @@ class TensorFile:
         return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
     def _read(self, key):
-        """One safetensors tensor read into fresh CPU memory with ordinary file reads (no memory map)."""
+        """One safetensors tensor read with ordinary file reads (no memory map) into this file's read buffer, reused
+        from tensor to tensor (a fresh buffer each time would page-fault every byte in anew). The result is a view of
+        that buffer: valid until the next read, so `get` always copies it (to the device or into the new dtype)."""
         dtype, shape, (begin, end) = self._entries[key]
-        buffer = torch.empty(end - begin, dtype=torch.uint8)
+        if self._buffer is None or self._buffer.numel() < end - begin:
+            self._buffer = torch.empty(end - begin, dtype=torch.uint8)
+        buffer = self._buffer[: end - begin]
         with open(self.path, "rb") as f:
             f.seek(self._data_start + begin)
             if f.readinto(buffer.numpy()) != end - begin:

@@ -191,12 +191,13 @@ def test_tensors_read_in_another_dtype_equal_the_safetensors_reference(tmp_path)
     path = str(tmp_path / "t.safetensors")
     save_file(tensors, path, metadata={"format": "pt"})
     reference, tf = load_file(path), weights_loader.TensorFile(path)
-    for key, expected in reference.items():
+    dtypes = (None, torch.float32, torch.float16, torch.bfloat16)
+    got = {(key, dtype): tf.get(key, dtype=dtype) for key in reference for dtype in dtypes}  # all kept: no aliasing
+    for (key, dtype), tensor in got.items():
+        expected = reference[key]
         assert tf.shape(key) == tuple(expected.shape)
-        for dtype in (None, torch.float32, torch.float16, torch.bfloat16):
-            got = tf.get(key, dtype=dtype)
-            want = expected.to(dtype) if dtype is not None and expected.is_floating_point() else expected
-            assert got.dtype == want.dtype and torch.equal(got, want), (key, dtype)
+        want = expected.to(dtype) if dtype is not None and expected.is_floating_point() else expected
+        assert tensor.dtype == want.dtype and torch.equal(tensor, want), (key, dtype)
 
 
 MAPPED_PAGES = """
