@@ -219,19 +219,20 @@ class AutoencoderKL(nn.Module):
             raise ValueError(f"{what} must be (B, {channels}, H, W), got shape {tuple(x.shape)}")
 
     def half_guarded(self, run, x, modules):
-        """run(x) with `modules` in their own dtype; for float16 weights (and cfg.force_upcast), once more in float32
-        if that result holds inf or NaN.
+        """run(x) in the dtype of the `modules`' weights, returned in the dtype of x; for float16 weights (and
+        cfg.force_upcast), once more in float32 if that result holds inf or NaN.
 
         The VAE's activations can exceed float16's range (65504) at large images (diffusers' `force_upcast` guards
         against the same). Checking the result instead of always upcasting keeps the usual case at float16's
         memory; only an overflowing call pays for float32 weights (a lossless cast, undone after) and activations.
-        bfloat16 has float32's range and never needs it. Returns a tensor in the dtype of x.
+        bfloat16 has float32's range and never needs it.
         """
-        out = run(x)
-        if not (self.cfg.force_upcast and out.dtype == torch.float16) or torch.isfinite(out).all():
+        modules = [m for m in modules if m is not None]
+        dtype = next(modules[0].parameters()).dtype
+        out = run(x.to(dtype))
+        if not (self.cfg.force_upcast and dtype == torch.float16) or torch.isfinite(out).all():
             return out.to(x.dtype)
         del out  # overflowed: free it before the float32 run
-        modules = [m for m in modules if m is not None]
         for m in modules:
             m.float()
         try:
@@ -255,8 +256,7 @@ class AutoencoderKL(nn.Module):
             moments = self.encoder(x)
             return moments if self.quant_conv is None else self.quant_conv(moments)
 
-        dtype = next(self.encoder.parameters()).dtype
-        moments = self.half_guarded(moments_of, x.to(dtype), [self.encoder, self.quant_conv]).to(x.dtype)
+        moments = self.half_guarded(moments_of, x, [self.encoder, self.quant_conv])
         mean, logvar = moments.chunk(2, dim=1)  # (B, 2L, h, w) -> 2 x (B, L, h, w)
         return mean, logvar.clamp(-30.0, 20.0)
 
@@ -280,8 +280,7 @@ class AutoencoderKL(nn.Module):
             run = self._decode
         else:
             run = lambda z: self.decode_tiled(z, tile, tile_overlap)
-        dtype = next(self.decoder.parameters()).dtype
-        return self.half_guarded(run, z.to(dtype), [self.post_quant_conv, self.decoder]).to(z.dtype)
+        return self.half_guarded(run, z, [self.post_quant_conv, self.decoder])
 
     def _decode(self, z):
         if self.post_quant_conv is not None:
