@@ -199,8 +199,9 @@ class TensorFile:
 
     `get` reads one tensor in one of two ways, so that a whole second copy of the weights never exists:
       - on the CPU in the stored dtype, the tensor *is* the memory-mapped file: no copy, pages are read on first use;
-      - otherwise (another dtype, or a GPU), a safetensors tensor is read with plain file reads into a temporary
-        buffer, moved to the device, then cast there: only the result stays, no mapped pages or CPU-side cast copy.
+      - otherwise (another dtype, or a GPU), a safetensors tensor is read with plain file reads into a buffer
+        reused from tensor to tensor, moved to the device, then cast there: only the result stays, no mapped pages
+        or CPU-side cast copy.
     A pickle is memory-mapped by torch.load; its pages are released when this object is dropped.
     """
 
@@ -265,6 +266,10 @@ def read_safetensors_header(path):
         n = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(n))
     header.pop("__metadata__", None)
+    unknown = sorted({v["dtype"] for v in header.values()} - set(SAFETENSORS_DTYPES))
+    if unknown:
+        raise ValueError(f"tensor dtype(s) {', '.join(unknown)} are not read by minivd "
+                         f"(it reads {', '.join(SAFETENSORS_DTYPES)})")
     entries = {k: (SAFETENSORS_DTYPES[v["dtype"]], v["shape"], v["data_offsets"]) for k, v in header.items()}
     return entries, 8 + n
 

@@ -200,6 +200,15 @@ def test_tensors_read_in_another_dtype_equal_the_safetensors_reference(tmp_path)
         assert tensor.dtype == want.dtype and torch.equal(tensor, want), (key, dtype)
 
 
+
+def test_a_safetensors_dtype_minivd_does_not_read_is_named(tmp_path):
+    from safetensors.torch import save_file
+
+    path = str(tmp_path / "f8.safetensors")
+    save_file({"w": torch.zeros(4).to(torch.float8_e4m3fn)}, path)
+    with pytest.raises(ValueError, match="not a readable safetensors file.*F8_E4M3 are not read by minivd"):
+        weights_loader.TensorFile(path)
+
 MAPPED_PAGES = """
 import sys, torch, weights_loader
 def rss_file():
