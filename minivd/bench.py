@@ -173,9 +173,6 @@ def build_checkpoint(folder, tiny=False, dtype=torch.float32, seed=0):
     from minivd.tokenizer import write_clip_vocab
 
     reference_libraries()
-    from diffusers import DDIMScheduler
-    from transformers import CLIPImageProcessor
-
     vocab_size = write_clip_vocab(os.path.join(folder, "tokenizer"))
     generator = torch.Generator().manual_seed(seed)
     for name, module in reference_modules(TINY if tiny else FULL, vocab_size).items():
@@ -200,12 +197,21 @@ def build_checkpoint(folder, tiny=False, dtype=torch.float32, seed=0):
         sizes = TINY if tiny else FULL
         count = write_optimus(os.path.join(folder, "optimus"), sizes, sizes["text_latent"], generator, dtype)
         print(f"  optimus: {count / 1e6:.1f} M parameters", flush=True)
+    with open(os.path.join(folder, MARKER), "w") as f:
+        json.dump({"tiny": tiny, "dtype": str(dtype).removeprefix("torch."), "seed": seed}, f)
+    return write_pipeline_files(folder)
+
+
+def write_pipeline_files(folder):
+    """The weight-free parts of the official folder: image_feature_extractor/, scheduler/ (VD's DDIM settings), and
+    model_index.json last (its presence marks a complete folder). Returns the folder."""
+    from diffusers import DDIMScheduler
+    from transformers import CLIPImageProcessor
+
     CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(
         os.path.join(folder, "image_feature_extractor"))
     DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                   set_alpha_to_one=False, steps_offset=1).save_pretrained(os.path.join(folder, "scheduler"))
-    with open(os.path.join(folder, MARKER), "w") as f:
-        json.dump({"tiny": tiny, "dtype": str(dtype).removeprefix("torch."), "seed": seed}, f)
     with open(os.path.join(folder, "model_index.json"), "w") as f:
         json.dump({"_class_name": "VersatileDiffusionPipeline", "_diffusers_version": "0.8.0.dev0",
                    "image_unet": ["diffusers", "UNet2DConditionModel"],

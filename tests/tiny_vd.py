@@ -20,11 +20,11 @@ def build_tiny_vd(folder, fmt="safetensors", legacy_vae=False, seed=0, optimus=T
     image_feature_extractor, scheduler, model_index.json, and (optimus=True) optimus/optimus-vae.pth with its
     vocabularies. fmt "bin" writes pickled .bin files; legacy_vae renames the VAE attention to the old names found in
     the official file."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.pipelines.deprecated.versatile_diffusion.modeling_text_unet import UNetFlatConditionModel
-    from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModelWithProjection, CLIPVisionConfig,
-                              CLIPVisionModelWithProjection)
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPVisionConfig, CLIPVisionModelWithProjection
 
+    from minivd.bench import write_pipeline_files
     from minivd.tokenizer import write_clip_vocab
 
     folder = os.fspath(folder)
@@ -71,22 +71,9 @@ def build_tiny_vd(folder, fmt="safetensors", legacy_vae=False, seed=0, optimus=T
             save_file(renamed, path)
         else:
             torch.save(renamed, path)
-    CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(
-        os.path.join(folder, "image_feature_extractor"))
-    DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                  set_alpha_to_one=False, steps_offset=1).save_pretrained(os.path.join(folder, "scheduler"))
     if optimus:
         write_tiny_optimus(os.path.join(folder, "optimus"), latent_dim=32, seed=seed + 100)
-    with open(os.path.join(folder, "model_index.json"), "w") as f:
-        json.dump({"_class_name": "VersatileDiffusionPipeline", "_diffusers_version": "0.8.0.dev0",
-                   "image_unet": ["diffusers", "UNet2DConditionModel"],
-                   "text_unet": ["versatile_diffusion", "UNetFlatConditionModel"],
-                   "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "DDIMScheduler"],
-                   "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
-                   "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
-                   "tokenizer": ["transformers", "CLIPTokenizer"],
-                   "image_feature_extractor": ["transformers", "CLIPImageProcessor"]}, f, indent=2)
-    return folder
+    return write_pipeline_files(folder)  # image_feature_extractor, scheduler, model_index.json: as the benchmark's
 
 
 def bert_and_gpt2(cfg):
