@@ -57,10 +57,13 @@ class ResBlock(nn.Module):
 
     def forward(self, x, temb=None):
         """x: (B, Cin, H, W), temb: (B, T) or None -> (B, Cout, H, W)."""
-        h = self.conv1(F.silu(self.norm1(x)))
+        # SiLU runs in place on the norm's fresh output, and h is rebound before each conv, so at most three
+        # feature maps are alive at once (x, h and the conv's output): the VAE decoder's peak at full size.
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))
         if self.time_emb_proj is not None:
             h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = F.silu(self.norm2(h), inplace=True)
+        h = self.conv2(h)
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return shortcut + h
 

@@ -4,13 +4,16 @@ import os
 import shutil
 import subprocess
 import sys
+import weakref
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import minivd
+from minivd.resnet import ResBlock
 
 H = W = 64
 RUN = dict(prompt="a fox", steps=3, height=H, width=W, output="np")
@@ -120,3 +123,51 @@ def test_loading_builds_shapes_without_random_fills_or_the_compiler(tiny_vd):
         assert torch.nn.init.normal_(torch.ones(2)).device.type == "meta"
         raise RuntimeError("the fills come back even after an error")
     assert torch.nn.init.normal_(torch.zeros(1000)).std() > 0.5
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the tensor storage created inside the mode and still alive, and their peak over the run: what
+    torch.cuda.max_memory_allocated counts on a GPU, measured per op on any device and independent of the allocator."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.seen = set()
+
+    def freed(self, key, nbytes):
+        self.seen.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and id(storage := t.untyped_storage()) not in self.seen:
+                self.seen.add(id(storage))
+                self.live += storage.nbytes()
+                weakref.finalize(storage, self.freed, id(storage), storage.nbytes())
+        self.peak = max(self.peak, self.live)
+        return out
+
+
+def peak_bytes(run, *args):
+    with torch.no_grad(), LiveBytes() as live:
+        run(*args)
+    return live.peak
+
+
+def test_resblock_keeps_at_most_two_new_feature_maps_alive():
+    """SiLU in place on the norm's output and h rebound before the second conv: besides its input, a ResBlock holds
+    h and the conv's output, never the pre-norm h, the norm's output and the SiLU's output together."""
+    block = ResBlock(64, 64, groups=8).eval()
+    x = torch.randn(1, 64, 32, 32)
+    assert peak_bytes(block, x) <= 2 * x.nbytes + 4096  # 4 KiB: GroupNorm's per-group statistics
+
+
+def test_vae_decode_peak_memory_is_below_diffusers(tiny_vd):
+    """Tensors alive at once while decoding a 256 x 256 image, against diffusers' AutoencoderKL on the same file."""
+    from diffusers import AutoencoderKL as ReferenceVAE
+
+    vae = minivd.load(tiny_vd).prepare("text-to-image").vae
+    reference = ReferenceVAE.from_pretrained(os.path.join(tiny_vd, "vae")).eval()
+    z = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert peak_bytes(vae.decode, z) < peak_bytes(reference.decode, z)  # 16 vs 20 MiB when written
