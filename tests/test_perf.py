@@ -327,7 +327,7 @@ def test_bench_reports_failures_as_cells(bench_run):
 def test_full_size_configs_have_the_sizes_of_versatile_diffusion():
     """The full-size benchmark checkpoint is VD's size (VD_REFERENCE: image UNet 0.86 B, text UNet 1.71 B,
     CLIP ViT-L/14), checked on the meta device (no memory) without writing it."""
-    from minivd.bench import FULL, reference_modules
+    from minivd.random_checkpoint import FULL, reference_modules
 
     modules = reference_modules(FULL, vocab_size=1000)
     millions = {name: sum(p.numel() for p in m.parameters()) / 1e6 for name, m in modules.items()}

@@ -24,7 +24,7 @@ def build_tiny_vd(folder, fmt="safetensors", legacy_vae=False, seed=0, optimus=T
     from diffusers.pipelines.deprecated.versatile_diffusion.modeling_text_unet import UNetFlatConditionModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from minivd.bench import write_pipeline_files
+    from minivd.random_checkpoint import write_pipeline_files
     from minivd.tokenizer import write_clip_vocab
 
     folder = os.fspath(folder)
