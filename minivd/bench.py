@@ -25,10 +25,12 @@ import resource
 import subprocess
 import sys
 import time
+import weakref
 
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from minivd.random_checkpoint import MARKER, build_checkpoint, reference_libraries
 
@@ -120,8 +122,34 @@ def held_gib(modules):
     return sum(sizes.values()) / 2**30
 
 
-def measure(impl, folder, flow, size, device, dtype, steps):
-    """Load, then generate with steps + 1 DDIM steps (the first one is the warm-up) at guidance 7.5."""
+class LiveBytes(TorchDispatchMode):
+    """Counts the bytes of tensor storage created inside the mode that are still alive, and their peak: what
+    torch.cuda.max_memory_allocated counts on a GPU, but measured after every op on any device, independent of the
+    allocator (a kernel's internal scratch memory is not seen)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.seen = set()  # ids of the storages being counted
+
+    def freed(self, key, nbytes):
+        self.seen.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and id(storage := t.untyped_storage()) not in self.seen:
+                self.seen.add(id(storage))
+                self.live += storage.nbytes()
+                weakref.finalize(storage, self.freed, id(storage), storage.nbytes())
+        self.peak = max(self.peak, self.live)
+        return out
+
+
+def measure(impl, folder, flow, size, device, dtype, steps, tensor_peak=False):
+    """Load, then generate with steps + 1 DDIM steps (the first one is the warm-up) at guidance 7.5.
+    tensor_peak: then generate once more (one step) counting the tensors alive at once (`LiveBytes`)."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     start = time.perf_counter()
     weights_gib, run = {"minivd": load_minivd, "diffusers": load_diffusers}[impl](folder, flow, device, dtype)
@@ -143,6 +171,10 @@ def measure(impl, folder, flow, size, device, dtype, steps):
     result["rss_gib"] = peak / (2**30 if sys.platform == "darwin" else 2**20)
     if device.startswith("cuda"):
         result["cuda_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if tensor_peak:  # the weights, plus the most that the call's own tensors took at once
+        with torch.no_grad(), LiveBytes() as live:
+            run(1, size, lambda *args: None)
+        result["tensor_gib"] = weights_gib + live.peak / 2**30
     if hasattr(os, "getloadavg"):
         result["load_1min"] = os.getloadavg()[0]  # other processes on the machine skew the timings
     return result
@@ -163,7 +195,7 @@ def worker(spec):
         result = {}
     else:
         result = measure(spec["impl"], spec["folder"], spec["flow"], spec["size"], spec["device"],
-                         getattr(torch, spec["dtype"]), spec["steps"])
+                         getattr(torch, spec["dtype"]), spec["steps"], spec.get("tensor_peak", False))
     print(RESULT + json.dumps(result), flush=True)
 
 
@@ -218,16 +250,17 @@ def best_of(results):
     combined = {}
     for key in {k for r in good for k in r}:
         values = [r[key] for r in good if key in r]
-        combined[key] = max(values) if key in ("rss_gib", "cuda_gib", "load_1min", "weights_gib") else min(values)
+        combined[key] = max(values) if key in ("rss_gib", "cuda_gib", "tensor_gib", "load_1min", "weights_gib") else min(values)
     return combined
 
 
-def table(rows, cuda):
+def table(rows, cuda, tensors=False):
     """rows: (flow, size, minivd result, diffusers result) -> a markdown table whose cells read
     'minivd / diffusers (ratio minivd/diffusers)', followed by the error messages as numbered notes."""
     metrics = [("load s", "load_s"), ("s / step", "step_s"), ("generate s", "generate_s"), ("weights GiB", "weights_gib"),
                ("peak RSS GiB", "rss_gib")]
     metrics += [("peak CUDA GiB", "cuda_gib")] if cuda else []
+    metrics += [("peak tensors GiB", "tensor_gib")] if tensors else []
     notes = []
 
     def show(result, key):
@@ -290,6 +323,9 @@ def main(argv=None):
                                                                "(for a busy machine; the first run on a fresh GPU "
                                                                "machine also pays one-off start-up costs)")
     parser.add_argument("--tiny", action="store_true", help="a tiny random checkpoint instead of the full-size one")
+    parser.add_argument("--tensor-peak", action="store_true",
+                        help="also report the weights plus the most tensor memory alive at once in a one-step "
+                             "generate, counted per op: on a CPU, what peak CUDA memory counts on a GPU")
     parser.add_argument("--out", help="also write the markdown report to this file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one measurement, as JSON
     args = parser.parse_args(argv)
@@ -321,7 +357,8 @@ def main(argv=None):
                         runs[impl] = [{"error": "n/a" if impl in args.impls else "not run"}]
                         continue
                     spec = dict(task="measure", impl=impl, folder=folder, flow=flow, size=size if size != "-" else 512,
-                                device=args.device, dtype=args.dtype, steps=args.steps, threads=args.threads)
+                                device=args.device, dtype=args.dtype, steps=args.steps, threads=args.threads,
+                                tensor_peak=args.tensor_peak)
                     result = run_isolated(spec, args.timeout)
                     if flow not in IMAGE_FLOWS and "error" in result:
                         result = {"error": f"skipped: {result['error']}"}
@@ -331,6 +368,9 @@ def main(argv=None):
 
     loads = [r["load_1min"] for row in rows for r in row[2:] if "load_1min" in r]
     load = f"{min(loads):.1f} to {max(loads):.1f}" if loads else "unknown"
+    tensors = ("Peak tensors = weights + the most memory the tensors of a one-step generate held at once, counted "
+               "after every op (what peak CUDA memory counts on a GPU), measured after peak RSS in a second call. "
+               if args.tensor_peak else "")
     report = "\n".join([
         f"## minivd vs diffusers: Versatile Diffusion, {'tiny' if args.tiny else 'full-size'} checkpoint ({folder})",
         "",
@@ -341,10 +381,10 @@ def main(argv=None):
         f"largest memory); s / step = mean of {args.steps} step(s) after "
         f"one warm-up step; generate s = the whole call ({args.steps + 1} steps, encoders, VAE decode); load s = "
         "folder to ready for the flow; weights = the parameters the loaded modules hold (resident or not: memory-mapped "
-        "pages count in RSS once read); peak RSS = the process's maximum resident memory (ru_maxrss). Each cell: "
-        "minivd / diffusers (ratio minivd/diffusers), each measured in a fresh process.",
+        "pages count in RSS once read); peak RSS = the process's maximum resident memory (ru_maxrss). " + tensors +
+        "Each cell: minivd / diffusers (ratio minivd/diffusers), each measured in a fresh process.",
         "",
-        table(rows, args.device.startswith("cuda")),
+        table(rows, args.device.startswith("cuda"), args.tensor_peak),
         "",
     ])
     print(report)

@@ -4,15 +4,14 @@ import os
 import shutil
 import subprocess
 import sys
-import weakref
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import minivd
+from minivd.bench import LiveBytes
 from minivd.resnet import ResBlock
 
 H = W = 64
@@ -125,31 +124,8 @@ def test_loading_builds_shapes_without_random_fills_or_the_compiler(tiny_vd):
     assert torch.nn.init.normal_(torch.zeros(1000)).std() > 0.5
 
 
-class LiveBytes(TorchDispatchMode):
-    """Bytes of the tensor storage created inside the mode and still alive, and their peak over the run: what
-    torch.cuda.max_memory_allocated counts on a GPU, measured per op on any device and independent of the allocator."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self.seen = set()
-
-    def freed(self, key, nbytes):
-        self.seen.discard(key)
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor) and id(storage := t.untyped_storage()) not in self.seen:
-                self.seen.add(id(storage))
-                self.live += storage.nbytes()
-                weakref.finalize(storage, self.freed, id(storage), storage.nbytes())
-        self.peak = max(self.peak, self.live)
-        return out
-
-
 def peak_bytes(run, *args):
+    """The most memory that tensors created by run(*args) held at once (what peak CUDA memory counts on a GPU)."""
     with torch.no_grad(), LiveBytes() as live:
         run(*args)
     return live.peak

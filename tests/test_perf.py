@@ -271,7 +271,7 @@ def bench_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
     folder, out = tmp / "ckpt", tmp / "results.md"
     done = run_bench("--tiny", "--folder", str(folder), "--sizes", "64", "--steps", "1", "--threads", "1",
-                     "--flows", "text-to-image", "--out", str(out))
+                     "--flows", "text-to-image", "--tensor-peak", "--out", str(out))
     assert done.returncode == 0, done.stderr[-2000:]
     return folder, out.read_text()
 
@@ -290,7 +290,7 @@ def test_bench_reports_both_implementations(bench_run):
     assert "torch " + torch.__version__ in report and "| flow | size | load s | s / step |" in report
     row = next(line for line in report.splitlines() if line.startswith("| text-to-image | 64 |"))
     cells = [c.strip() for c in row.strip("|").split("|")][2:]
-    assert len(cells) == 5 and not any("error" in c for c in cells)
+    assert len(cells) == 6 and not any("error" in c for c in cells)
     values = []
     for c in cells:  # "minivd / diffusers (ratio)": numbers, the ratio minivd / diffusers of the printed values
         mine, theirs, ratio = (float(v) for v in re.fullmatch(r"(\S+) / (\S+) \((\S+)\)", c).groups())
@@ -308,6 +308,27 @@ def test_bench_reports_both_implementations(bench_run):
     expected = (gib("image_unet", lambda k: ".attentions." not in k) + gib("text_unet", lambda k: ".attentions." in k)
                 + gib("text_encoder", lambda k: True) + gib("vae", lambda k: k.startswith(("decoder.", "post_quant"))))
     assert values[3] == pytest.approx(expected, rel=0.005)
+    assert values[3] < values[5] < values[4]  # peak tensors: the weights and more, less than the whole process
+
+
+def test_live_bytes_counts_new_storages_until_they_are_freed():
+    """The benchmark's tensor peak on a sequence whose answer is known: views share a storage, tensors made before
+    the mode are not counted, and a freed tensor stops counting."""
+    from minivd.bench import LiveBytes
+
+    mib = 2**18  # float32 elements in 1 MiB
+    x = torch.ones(mib)
+    with LiveBytes() as live:
+        a = x * 2  # 1 MiB
+        halves = a.chunk(2)  # views: nothing new
+        b = a + 1  # 2 MiB alive
+        del a, halves  # 1 MiB
+        c = torch.cat([b, b, x])  # 1 + 3 MiB: the peak
+        del b, c
+        values, order = torch.ones(mib).sort()  # 1 + 1 + 2 MiB (int64 indices) made, the first freed at once
+    assert live.peak == 4 * 2**20 and live.live == 3 * 2**20
+    del values, order
+    assert live.live == 0
 
 
 def test_bench_reports_failures_as_cells(bench_run):
