@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from minivd.random_checkpoint import MARKER, build_checkpoint, reference_libraries
 
@@ -138,11 +139,14 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor) and id(storage := t.untyped_storage()) not in self.seen:
-                self.seen.add(id(storage))
-                self.live += storage.nbytes()
-                weakref.finalize(storage, self.freed, id(storage), storage.nbytes())
+        inputs = {id(t.untyped_storage()) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            storage = t.untyped_storage() if isinstance(t, torch.Tensor) else None
+            if storage is None or id(storage) in self.seen or id(storage) in inputs:
+                continue  # counted already, or a view or in-place result of an input (a weight's .t() is not new)
+            self.seen.add(id(storage))
+            self.live += storage.nbytes()
+            weakref.finalize(storage, self.freed, id(storage), storage.nbytes())
         self.peak = max(self.peak, self.live)
         return out
 

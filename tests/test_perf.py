@@ -313,16 +313,17 @@ def test_bench_reports_both_implementations(bench_run):
 
 def test_live_bytes_counts_new_storages_until_they_are_freed():
     """The benchmark's tensor peak on a sequence whose answer is known: views share a storage, tensors made before
-    the mode are not counted, and a freed tensor stops counting."""
+    the mode (and their views and in-place results) are not counted, and a freed tensor stops counting."""
     from minivd.bench import LiveBytes
 
     mib = 2**18  # float32 elements in 1 MiB
     x = torch.ones(mib)
     with LiveBytes() as live:
         a = x * 2  # 1 MiB
-        halves = a.chunk(2)  # views: nothing new
+        halves, outside = a.chunk(2), x.t()  # views, also of a tensor made before: nothing new
+        x.mul_(1)  # in place: nothing new
         b = a + 1  # 2 MiB alive
-        del a, halves  # 1 MiB
+        del a, halves, outside  # 1 MiB
         c = torch.cat([b, b, x])  # 1 + 3 MiB: the peak
         del b, c
         values, order = torch.ones(mib).sort()  # 1 + 1 + 2 MiB (int64 indices) made, the first freed at once
