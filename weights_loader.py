@@ -19,6 +19,7 @@ when present, otherwise a pickle through `torch.load(weights_only=True)`, which 
 
 import argparse
 import json
+import mmap
 import os
 import pickle
 import re
@@ -199,14 +200,15 @@ class TensorFile:
 
     `get` reads one tensor in one of two ways, so that a whole second copy of the weights never exists:
       - on the CPU in the stored dtype, the tensor *is* the memory-mapped file: no copy, pages are read on first use;
-      - otherwise (another dtype, or a GPU), a safetensors tensor is read with plain file reads into a buffer
-        reused from tensor to tensor, moved to the device, then cast there: only the result stays, no mapped pages
-        or CPU-side cast copy.
+      - otherwise (another dtype, or a GPU), a safetensors tensor is copied from this object's own private map of the
+        file to the device, cast there, and its mapped pages are dropped again: only the result stays, no mapped
+        pages or CPU-side cast copy.
     A pickle is memory-mapped by torch.load; its pages are released when this object is dropped.
     """
 
     def __init__(self, path):
         self.path = path
+        self._map = None  # a safetensors file's private memory map, see _mapped
         if path.endswith(".safetensors"):
             from safetensors import safe_open
 
@@ -217,7 +219,6 @@ class TensorFile:
             except Exception as e:
                 raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
             self._shapes = {k: tuple(self._entries[k][1]) for k in self._keys}
-            self._buffer = None  # see _read
         else:
             self._file = load_pickle(path)
             self._keys = list(self._file.keys())
@@ -230,33 +231,47 @@ class TensorFile:
         return self._shapes[key]
 
     def get(self, key, device="cpu", dtype=None):
+        if key not in self._shapes:
+            raise KeyError(f"{self.path} has no tensor {key!r}")
         device = torch.device(device)
+        pickled = isinstance(self._file, dict)
+        stored = None if pickled else self._entries[key][0]
+        via_map = not pickled and (device.type != "cpu" or (
+            dtype is not None and stored.is_floating_point and stored != dtype))
         try:
-            if isinstance(self._file, dict):
+            if pickled:
                 t = self._file[key]
-            elif device.type == "cpu" and (dtype is None or not self._entries[key][0].is_floating_point
-                                           or self._entries[key][0] == dtype):
-                t = self._file.get_tensor(key)  # a view of the mapped file
+            elif via_map:  # a view of the private map, copied by .to(device) or .to(dtype) below
+                t = self._mapped(key)
             else:
-                t = self._read(key)
+                t = self._file.get_tensor(key)  # a view of the mapped file: the result, no copy
         except Exception as e:
             raise ValueError(f"{self.path}: tensor {key!r} could not be read (truncated or corrupt file?): {e}") from e
         t = t.to(device)  # in the stored dtype: a GPU casts faster, and no CPU copy in the new dtype is made
-        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        t = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        if via_map:
+            self._release(key)
+        return t
 
-    def _read(self, key):
-        """One safetensors tensor read with ordinary file reads (no memory map) into this file's read buffer, reused
-        from tensor to tensor (a fresh buffer each time would page-fault every byte in anew). The result is a view of
-        that buffer: valid until the next read, so `get` always copies it (to the device or into the new dtype)."""
+    def _mapped(self, key):
+        """One safetensors tensor as a view of this file's own private memory map (read-only in practice). Reading
+        through the map is one pass over the bytes; file reads into a buffer would add a copy."""
         dtype, shape, (begin, end) = self._entries[key]
-        if self._buffer is None or self._buffer.numel() < end - begin:
-            self._buffer = torch.empty(end - begin, dtype=torch.uint8)
-        buffer = self._buffer[: end - begin]
-        with open(self.path, "rb") as f:
-            f.seek(self._data_start + begin)
-            if f.readinto(buffer.numpy()) != end - begin:
-                raise ValueError(f"the file ends inside tensor {key!r}")
-        return buffer.view(dtype).reshape(shape)
+        if begin == end:
+            return torch.empty(shape, dtype=dtype)
+        if self._map is None:
+            with open(self.path, "rb") as f:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # writable for torch, never written
+        data = torch.frombuffer(self._map, dtype=torch.uint8, offset=self._data_start + begin, count=end - begin)
+        return data.view(dtype).reshape(shape)
+
+    def _release(self, key):
+        """Drop `key`'s pages from this process's memory (the OS may keep them cached), where the OS has madvise;
+        elsewhere they go when this object is dropped."""
+        dtype, shape, (begin, end) = self._entries[key]
+        if end > begin and hasattr(mmap, "MADV_DONTNEED"):
+            start = (self._data_start + begin) // mmap.PAGESIZE * mmap.PAGESIZE
+            self._map.madvise(mmap.MADV_DONTNEED, start, self._data_start + end - start)
 
 
 def read_safetensors_header(path):
