@@ -268,7 +268,7 @@ class TensorFile:
     def _release(self, key):
         """Drop `key`'s pages from this process's memory (the OS may keep them cached), where the OS has madvise;
         elsewhere they go when this object is dropped."""
-        dtype, shape, (begin, end) = self._entries[key]
+        _, _, (begin, end) = self._entries[key]
         if end > begin and hasattr(mmap, "MADV_DONTNEED"):
             start = (self._data_start + begin) // mmap.PAGESIZE * mmap.PAGESIZE
             self._map.madvise(mmap.MADV_DONTNEED, start, self._data_start + end - start)

@@ -251,10 +251,11 @@ def best_of(results):
     good = [r for r in results if "error" not in r]
     if not good:
         return results[0]
+    largest = ("rss_gib", "cuda_gib", "tensor_gib", "weights_gib", "load_1min")  # memory and machine load
     combined = {}
     for key in {k for r in good for k in r}:
         values = [r[key] for r in good if key in r]
-        combined[key] = max(values) if key in ("rss_gib", "cuda_gib", "tensor_gib", "load_1min", "weights_gib") else min(values)
+        combined[key] = max(values) if key in largest else min(values)
     return combined
 
 

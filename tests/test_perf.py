@@ -303,7 +303,8 @@ def test_bench_reports_both_implementations(bench_run):
     def gib(component, keep):
         path = weights_loader.find_weights(str(folder / component))
         with safe_open(path, "pt") as f:
-            return sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys() if keep(k)) / 2**30
+            tensors = (f.get_tensor(k) for k in f.keys() if keep(k))
+            return sum(t.numel() * t.element_size() for t in tensors) / 2**30
 
     expected = (gib("image_unet", lambda k: ".attentions." not in k) + gib("text_unet", lambda k: ".attentions." in k)
                 + gib("text_encoder", lambda k: True) + gib("vae", lambda k: k.startswith(("decoder.", "post_quant"))))

@@ -201,7 +201,6 @@ def test_tensors_read_in_another_dtype_equal_the_safetensors_reference(tmp_path)
         assert tensor.dtype == want.dtype and torch.equal(tensor, want), (key, dtype)
 
 
-
 def test_tensors_at_unaligned_offsets_are_read_like_safetensors_does(tmp_path):
     """A hand-written file whose data starts at an odd byte (writers pad the header; the format does not require
     it): casts read through the memory map at those offsets."""
@@ -227,6 +226,7 @@ def test_a_safetensors_dtype_minivd_does_not_read_is_named(tmp_path):
     save_file({"w": torch.zeros(4).to(torch.float8_e4m3fn)}, path)
     with pytest.raises(ValueError, match="not a readable safetensors file.*F8_E4M3 are not read by minivd"):
         weights_loader.TensorFile(path)
+
 
 MAPPED_PAGES = """
 import sys, torch, weights_loader
