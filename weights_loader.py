@@ -3,7 +3,7 @@
     python weights_loader.py check PATH                          # every missing, unexpected or mis-shaped tensor
     python weights_loader.py convert SRC DST [--dtype float16]   # pickled .bin/.pth -> .safetensors, same keys
 
-Two folder layouts are read (`minivd.model` describes them, `minivd.model.detect_layout` tells them apart):
+Two folder layouts are read (`minivd.checkpoint` describes them and tells them apart):
     diffusers  Hugging Face `shi-labs/versatile-diffusion`: one subfolder per component, diffusers/transformers names
     original   the SHI-Labs release: vd-four-flow-v1-0.pth (the whole dual-context UNet), kl-f8.pth (LDM names),
                an openai/clip-vit-large-patch14 folder (one transformers CLIPModel file holds both CLIP towers)
@@ -11,15 +11,19 @@ and in both, optimus-vae.pth (the Optimus text VAE, the original code's names).
 
 Each file's keys are renamed to minivd's module names by a short ordered list of regex rules (`rules_for`), applied in
 order with re.sub (a replacement may be a function of the match, for computed block numbers); a rule whose
-replacement is None drops the key. A file tensor must have the shape of the parameter it fills, except that extra
-trailing dimensions of size 1 are allowed and removed as it is read: the LDM VAE stores its attention projections
-as 1x1 convs (C, C, 1, 1) where minivd has Linear weights (C, C). Files are read as raw tensors only: safetensors
-when present, otherwise a pickle through `torch.load(weights_only=True)`, which refuses anything but tensors.
+replacement is None drops the key. `export_rules` are the way back, for writing checkpoints in the diffusers layout.
+A file tensor must have the shape of the parameter it fills, except that extra trailing dimensions of size 1 are
+allowed and removed as it is read: the LDM VAE stores its attention projections as 1x1 convs (C, C, 1, 1) where
+minivd has Linear weights (C, C). Files are read as raw tensors only: safetensors when present, otherwise a pickle
+through `torch.load(weights_only=True)`, which refuses anything but tensors. A safetensors header is checked whole
+(names, dtypes, shapes, byte ranges) before any tensor is read.
+
+This file imports nothing from the minivd package at module level: the package imports it for the rules and the
+reader. Only the `check` command, which needs minivd's modules to know their shapes, imports the package when run.
 """
 
 import argparse
 import json
-import mmap
 import os
 import pickle
 import re
@@ -76,24 +80,32 @@ OPTIMUS_RULES = [  # optimus-vae.pth (the original code's module names) -> miniv
 ]
 
 
-def unet_rules(cfg, data, context):
-    """diffusers UNet keys -> minivd DualContextUNet keys. image_unet fills data "image" + context "image";
-    text_unet fills data "text" + context "text". The block numbers come from minivd.unet.unet_layout."""
+def unet_block_paths(cfg):
+    """The diffusers module path of every minivd UNet block: ({data block number: path}, {context block: path}).
+    The block numbers come from minivd.unet.unet_layout (imported here, when a UNet's rules are asked for)."""
     from minivd.unet import unet_layout
 
-    layout = unet_layout(cfg)
-    data_index, context_index = {}, {}  # diffusers module path -> minivd block number
-    for i, slot in enumerate(layout):
+    data, context = {}, {}
+    for i, slot in enumerate(unet_layout(cfg)):
         if slot.kind == "res":
             path = f"mid_block.resnets.{slot.index}" if slot.stage == "mid" else f"{slot.stage}_blocks.{slot.level}.resnets.{slot.index}"
             if slot.context is not None:
-                context_index[path.replace("resnets", "attentions")] = slot.context
+                context[slot.context] = path.replace("resnets", "attentions")
         elif slot.kind in ("down", "up"):
             path = f"{slot.kind}_blocks.{slot.level}.{slot.kind}samplers.0"
-        else:
+        else:  # conv_in and the out block are named by their own rules
             continue
-        data_index[path] = i
-    out = len(layout) - 1
+        data[i] = path
+    return data, context
+
+
+def unet_rules(cfg, data, context):
+    """diffusers UNet keys -> minivd DualContextUNet keys. image_unet fills data "image" + context "image";
+    text_unet fills data "text" + context "text"."""
+    data_blocks, context_blocks = unet_block_paths(cfg)
+    data_index = {path: i for i, path in data_blocks.items()}
+    context_index = {path: i for i, path in context_blocks.items()}
+    out = max(data_blocks) + 1
     return [
         (r"^time_embedding\.", "time_embed."),
         (r"^conv_in\.", f"data.{data}.blocks.0."),
@@ -150,14 +162,12 @@ def ldm_vae_rules(levels):
 
 def rules_for(component, unet_config=None, layout="diffusers", vae_config=None):
     """The rename rules of one component's file in a folder layout. The diffusers UNet rules need the UNet config
-    (block numbers), the original VAE rules the VAE config (number of levels)."""
+    (block numbers), the original VAE rules the VAE config (number of levels; VD's 4 when None)."""
     if layout == "diffusers" and component in ("image_unet", "text_unet"):
         kind = component.split("_")[0]
         return unet_rules(unet_config, kind, kind)
     if layout == "original" and component == "vae":
-        from minivd.vae import VAEConfig
-
-        return ldm_vae_rules(len((vae_config or VAEConfig()).block_out_channels))
+        return ldm_vae_rules(4 if vae_config is None else len(vae_config.block_out_channels))
     rules = {
         "diffusers": {"vae": VAE_RULES, "text_encoder": CLIP_RULES, "image_encoder": CLIP_RULES, "optimus": OPTIMUS_RULES},
         "original": {"unet": ORIGINAL_UNET_RULES, **CLIP_MODEL_RULES, "optimus": OPTIMUS_RULES},
@@ -165,6 +175,55 @@ def rules_for(component, unet_config=None, layout="diffusers", vae_config=None):
     if component not in rules.get(layout, {}):
         raise ValueError(f"no weights component {component!r} in the {layout!r} layout")
     return rules[layout][component]
+
+
+def export_rules(component, unet_config=None):
+    """minivd keys -> the diffusers-layout names (and the original names for "optimus"): the way back, used to write
+    a checkpoint that `rules_for` and diffusers/transformers read. UNet components: "image_unet" takes the time
+    embedding, data "image" and context "image"; "text_unet" the same with "text". Keys of other layer sets are
+    dropped (None)."""
+    if component in ("image_unet", "text_unet"):
+        kind = component.split("_")[0]
+        data_blocks, context_blocks = unet_block_paths(unet_config)
+        out = max(data_blocks) + 1
+        return [
+            (rf"^(data|context)\.(?!{kind}\.)\w+\.", None),
+            (r"^time_embed\.", "time_embedding."),
+            (rf"^data\.{kind}\.blocks\.0\.", "conv_in."),
+            (rf"^data\.{kind}\.blocks\.{out}\.norm\.", "conv_norm_out."),
+            (rf"^data\.{kind}\.blocks\.{out}\.proj\.", "conv_out."),
+            (rf"^data\.{kind}\.blocks\.(\d+)\.", lambda m: data_blocks[int(m[1])] + "."),
+            (rf"^context\.{kind}\.blocks\.(\d+)\.", lambda m: context_blocks[int(m[1])] + "."),
+            (r"\.block\.", ".transformer_blocks.0."),
+            (r"\.to_out\.", ".to_out.0."),
+            (r"\.ff\.proj_in\.", ".ff.net.0.proj."),
+            (r"\.ff\.proj_out\.", ".ff.net.2."),
+        ]
+    if component == "vae":
+        return [(r"\.to_out\.", ".to_out.0.")]
+    if component in ("text_encoder", "image_encoder"):
+        tower = "text_model" if component == "text_encoder" else "vision_model"
+        return [
+            (r"^(token_embedding|patch_embedding|position_embedding|class_embedding)\b", rf"{tower}.embeddings.\1"),
+            (r"^layers\.", f"{tower}.encoder.layers."),
+            (r"^(final_layer_norm|post_layernorm)\.", rf"{tower}.\1."),
+            (r"^pre_layernorm\.", f"{tower}.pre_layrnorm."),
+            (r"\.self_attn\.to_(q|k|v|out)\.", r".self_attn.\1_proj."),
+        ]
+    if component == "optimus":
+        return [
+            (r"^decoder\.", "decoder.transformer."),
+            (r"^encoder\.layers\.", "encoder.encoder.layer."),
+            (r"^encoder\.embeddings\.norm\.", "encoder.embeddings.LayerNorm."),
+            (r"^encoder\.pooler\.", "encoder.pooler.dense."),
+            (r"\.attn\.out\.", ".attention.output.dense."),
+            (r"^(encoder\..*)\.attn\.", r"\1.attention.self."),
+            (r"\.attn_norm\.", ".attention.output.LayerNorm."),
+            (r"\.mlp_in\.", ".intermediate.dense."),
+            (r"\.mlp_out\.", ".output.dense."),
+            (r"\.mlp_norm\.", ".output.LayerNorm."),
+        ]
+    raise ValueError(f"no export rules for {component!r}")
 
 
 def rename(key, rules):
@@ -196,96 +255,107 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
 
 
 class TensorFile:
-    """Lazy, read-only access to the tensors of one .safetensors or pickled .bin file.
+    """Lazy, read-only access to the tensors of one .safetensors or pickled .bin/.pth file.
 
-    `get` reads one tensor in one of two ways, so that a whole second copy of the weights never exists:
-      - on the CPU in the stored dtype, the tensor *is* the memory-mapped file: no copy, pages are read on first use;
-      - otherwise (another dtype, or a GPU), a safetensors tensor is copied from this object's own private map of the
-        file to the device, cast there, and its mapped pages are dropped again: only the result stays, no mapped
-        pages or CPU-side cast copy.
-    A pickle is memory-mapped by torch.load; its pages are released when this object is dropped.
+    `keys`, `shape` and `dtype` read no tensor data. `get` returns one tensor: on the CPU in the stored dtype it is
+    a view of the memory-mapped file (no copy; pages are read on first use), otherwise a copy on `device` in `dtype`.
     """
 
     def __init__(self, path):
         self.path = path
-        self._map = None  # a safetensors file's private memory map, see _mapped
         if path.endswith(".safetensors"):
+            self._entries, self._data_start = read_safetensors_header(path)  # checked whole, see there
             from safetensors import safe_open
 
             try:
-                self._file = safe_open(path, framework="pt", device="cpu")  # validates the header and the sizes
-                self._keys = list(self._file.keys())
-                self._entries, self._data_start = read_safetensors_header(path)
+                self._file = safe_open(path, framework="pt", device="cpu")
             except Exception as e:
                 raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
-            self._shapes = {k: tuple(self._entries[k][1]) for k in self._keys}
+            self._info = {k: (tuple(shape), dtype) for k, (dtype, shape, _) in self._entries.items()}
         else:
             self._file = load_pickle(path)
-            self._keys = list(self._file.keys())
-            self._shapes = {k: tuple(v.shape) for k, v in self._file.items()}
+            self._info = {k: (tuple(v.shape), v.dtype) for k, v in self._file.items()}
 
     def keys(self):
-        return self._keys
+        return list(self._info)
 
     def shape(self, key):
-        return self._shapes[key]
+        return self._info[key][0]
 
-    def get(self, key, device="cpu", dtype=None):
-        if key not in self._shapes:
+    def dtype(self, key):
+        return self._info[key][1]
+
+    def stored(self, key):
+        """The tensor as stored: a view of the mapped file (safetensors) or of the unpickled storage."""
+        if key not in self._info:
             raise KeyError(f"{self.path} has no tensor {key!r}")
-        device = torch.device(device)
-        pickled = isinstance(self._file, dict)
-        stored = None if pickled else self._entries[key][0]
-        via_map = not pickled and (device.type != "cpu" or (
-            dtype is not None and stored.is_floating_point and stored != dtype))
         try:
-            if pickled:
-                t = self._file[key]
-            elif via_map:  # a view of the private map, copied by .to(device) or .to(dtype) below
-                t = self._mapped(key)
-            else:
-                t = self._file.get_tensor(key)  # a view of the mapped file: the result, no copy
+            return self._file[key] if isinstance(self._file, dict) else self._file.get_tensor(key)
         except Exception as e:
             raise ValueError(f"{self.path}: tensor {key!r} could not be read (truncated or corrupt file?): {e}") from e
-        t = t.to(device)  # in the stored dtype: a GPU casts faster, and no CPU copy in the new dtype is made
-        t = t.to(dtype) if dtype is not None and t.is_floating_point() else t
-        if via_map:
-            self._release(key)
-        return t
 
-    def _mapped(self, key):
-        """One safetensors tensor as a view of this file's own private memory map (read-only in practice). Reading
-        through the map is one pass over the bytes; file reads into a buffer would add a copy."""
-        dtype, shape, (begin, end) = self._entries[key]
-        if begin == end:
-            return torch.empty(shape, dtype=dtype)
-        if self._map is None:
-            with open(self.path, "rb") as f:
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # writable for torch, never written
-        data = torch.frombuffer(self._map, dtype=torch.uint8, offset=self._data_start + begin, count=end - begin)
-        return data.view(dtype).reshape(shape)
+    def get(self, key, device="cpu", dtype=None):
+        t = self.stored(key).to(device)  # in the stored dtype first: a GPU casts faster, and no CPU cast copy is made
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
-    def _release(self, key):
-        """Drop `key`'s pages from this process's memory (the OS may keep them cached), where the OS has madvise;
-        elsewhere they go when this object is dropped."""
-        _, _, (begin, end) = self._entries[key]
-        if end > begin and hasattr(mmap, "MADV_DONTNEED"):
-            start = (self._data_start + begin) // mmap.PAGESIZE * mmap.PAGESIZE
-            self._map.madvise(mmap.MADV_DONTNEED, start, self._data_start + end - start)
+
+def _no_duplicates(pairs):
+    """json object_pairs_hook: a key twice is an error (the format forbids it; parsers disagree on which one wins)."""
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"the header names tensor {key!r} twice")
+        seen[key] = value
+    return seen
 
 
 def read_safetensors_header(path):
     """The layout of a .safetensors file: 8 bytes (little-endian header length n), n bytes of JSON, then the raw
-    tensor bytes. Returns ({key: (torch dtype, shape, (begin, end) byte offsets in the data)}, where the data starts)."""
+    tensor bytes. Every entry is checked before any tensor is read: a known dtype, a shape of non-negative integers,
+    a byte range of exactly shape x itemsize inside the data, no two ranges overlapping, no name twice.
+    Returns ({key: (torch dtype, shape, (begin, end) byte offsets in the data)}, where the data starts)."""
+    def fail(why):
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {why}")
+
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
+        if size < 8:
+            fail(f"it has {size} bytes, not even the 8-byte header length")
         n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
+        if n > size - 8:
+            fail(f"the header claims {n} bytes, the file has {size - 8} after the length")
+        try:
+            header = json.loads(f.read(n), object_pairs_hook=_no_duplicates)
+        except (ValueError, UnicodeDecodeError) as e:
+            fail(f"the header is not valid JSON ({e})")
+    if not isinstance(header, dict):
+        fail("the header is not a JSON object")
     header.pop("__metadata__", None)
-    unknown = sorted({v["dtype"] for v in header.values()} - set(SAFETENSORS_DTYPES))
+    unknown = sorted({str(v.get("dtype")) for v in header.values() if isinstance(v, dict)} - set(SAFETENSORS_DTYPES))
     if unknown:
-        raise ValueError(f"tensor dtype(s) {', '.join(unknown)} are not read by minivd "
-                         f"(it reads {', '.join(SAFETENSORS_DTYPES)})")
-    entries = {k: (SAFETENSORS_DTYPES[v["dtype"]], v["shape"], v["data_offsets"]) for k, v in header.items()}
+        fail(f"tensor dtype(s) {', '.join(unknown)} are not read by minivd (it reads {', '.join(SAFETENSORS_DTYPES)})")
+    entries, data_size, ranges = {}, size - 8 - n, []
+    for key, v in header.items():
+        shape, offsets = v.get("shape") if isinstance(v, dict) else None, v.get("data_offsets") if isinstance(v, dict) else None
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            fail(f"tensor {key!r} has no valid shape: {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            fail(f"tensor {key!r} has no valid data_offsets: {offsets!r}")
+        dtype = SAFETENSORS_DTYPES[v["dtype"]]
+        count = 1
+        for d in shape:
+            count *= d
+        begin, end = offsets
+        if not 0 <= begin <= end <= data_size:
+            fail(f"tensor {key!r} lies at bytes {begin}..{end}, outside the {data_size} data bytes")
+        if end - begin != count * dtype.itemsize:
+            fail(f"tensor {key!r} {v['dtype']} {shape} needs {count * dtype.itemsize} bytes, its range has {end - begin}")
+        entries[key] = (dtype, shape, (begin, end))
+        ranges.append((begin, end, key))
+    ranges.sort()
+    for (_, end, key), (begin, _, other) in zip(ranges, ranges[1:]):
+        if begin < end:
+            fail(f"tensors {key!r} and {other!r} overlap")
     return entries, 8 + n
 
 
@@ -307,8 +377,8 @@ def load_pickle(path):
         raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from e
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path} does not hold a flat dict of tensors")
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise ValueError(f"{path} does not hold a flat dict of named tensors")
     return sd
 
 
@@ -320,12 +390,14 @@ def plan(module, files_and_rules, prefixes=None):
     """Match file keys to module parameters without reading data.
 
     Returns (sources, problems): sources maps each minivd key to (TensorFile, official key); problems lists
-    missing, unexpected and mis-shaped tensors as readable lines. A file tensor fits a parameter if the shapes are
-    equal or differ only by trailing dimensions of size 1 in the file (1x1 convs read as Linear weights).
-    `prefixes` restricts both sides to the minivd keys starting with one of them (the layer sets a flow needs).
+    missing, unexpected, mis-shaped and wrongly typed tensors as readable lines. A file tensor fits a parameter if
+    the shapes are equal or differ only by trailing dimensions of size 1 in the file (1x1 convs read as Linear
+    weights), and if both are floating point (or both not). When several files fill one key (both UNet files carry the
+time embedding, the global layers), the first file's tensor is read. `prefixes` restricts both sides to the minivd keys
+    starting with one of them (the layer sets a flow needs).
     """
     wanted = lambda k: prefixes is None or k.startswith(tuple(prefixes))
-    expected = {k: tuple(v.shape) for k, v in module.state_dict(keep_vars=True).items() if wanted(k)}
+    expected = {k: v for k, v in module.state_dict(keep_vars=True).items() if wanted(k)}
     fits = lambda shape, want: shape[: len(want)] == want and all(d == 1 for d in shape[len(want):])
     sources, problems = {}, []
     for tf, rules in files_and_rules:
@@ -336,8 +408,15 @@ def plan(module, files_and_rules, prefixes=None):
             if name not in expected:
                 problems.append(f"unexpected tensor {key!r} in {tf.path} (maps to {name!r}, which minivd does not have)")
                 continue
-            if not fits(tuple(tf.shape(key)), expected[name]):  # equal, or equal plus trailing 1s (1x1 convs)
-                problems.append(f"mis-shaped tensor {key!r} in {tf.path}: {list(tf.shape(key))}, minivd expects {list(expected[name])}")
+            want = expected[name]
+            if name in sources:  # a second file's copy (the text UNet's time embedding) is not read; one file's, a fault
+                if sources[name][0] is tf:
+                    problems.append(f"two tensors fill minivd {name!r}: {sources[name][1]!r} and {key!r} in {tf.path}")
+            elif not fits(tuple(tf.shape(key)), tuple(want.shape)):
+                problems.append(f"mis-shaped tensor {key!r} in {tf.path}: {list(tf.shape(key))}, minivd expects {list(want.shape)}")
+            elif hasattr(tf, "dtype") and tf.dtype(key).is_floating_point != want.dtype.is_floating_point:
+                problems.append(f"tensor {key!r} in {tf.path} is {str(tf.dtype(key)).removeprefix('torch.')}, minivd's "
+                                f"{name!r} is {str(want.dtype).removeprefix('torch.')}")
             sources.setdefault(name, (tf, key))
     for name in expected:
         if name not in sources:
@@ -353,7 +432,7 @@ def summarize(problems, limit=12):
 
 
 def load_into(module, files_and_rules, prefixes=None, device="cpu", dtype=None):
-    """Fill `module` (which may live on the meta device) from the files; raise naming every problem."""
+    """Fill `module` (which may live on the meta device) from the files; raise naming every problem first."""
     sources, problems = plan(module, files_and_rules, prefixes)
     if problems:
         raise ValueError("the checkpoint does not match minivd's modules:\n  " + summarize(problems))
@@ -367,23 +446,15 @@ def load_into(module, files_and_rules, prefixes=None, device="cpu", dtype=None):
 # Command line
 
 
-def check(path, model=None):
-    """Report every problem of a checkpoint folder; returns the list of problem lines."""
-    from minivd.model import VersatileDiffusion
+def check(path):
+    """Report every problem of a checkpoint folder; returns the list of problem lines (empty: it loads)."""
+    from minivd.checkpoint import Checkpoint  # the only import of the package: minivd's shapes
 
-    problems = []
-    if model is None:
-        try:
-            model = VersatileDiffusion.from_folder(path, device="meta")
-        except (ValueError, FileNotFoundError) as e:
-            return [str(e)]
-    for component in model.components():
-        try:
-            _, found = plan(*model.plan_args(component))
-            problems += [f"{component}: {p}" for p in found]
-        except (ValueError, FileNotFoundError) as e:
-            problems.append(f"{component}: {e}")
-    return problems
+    try:
+        checkpoint = Checkpoint(path)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        return [str(e)]
+    return checkpoint.problems()
 
 
 PICKLES = (".bin", ".pth")
@@ -433,15 +504,21 @@ def main(argv=None):
     p.add_argument("dst")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
     args = parser.parse_args(argv)
-    if args.command == "check":
-        problems = check(args.path)
-        for line in problems:
-            print(line)
-        print(f"{args.path}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
-        return 1 if problems else 0
-    convert(args.src, args.dst, getattr(torch, args.dtype) if args.dtype else None)
+    try:
+        if args.command == "check":
+            problems = check(args.path)
+            for line in problems:
+                print(line)
+            print(f"{args.path}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+            return 1 if problems else 0
+        convert(args.src, args.dst, getattr(torch, args.dtype) if args.dtype else None)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
 if __name__ == "__main__":
+    # minivd imports this file as `weights_loader`: let it find this very module instead of running the file again
+    sys.modules.setdefault("weights_loader", sys.modules[__name__])
     sys.exit(main())

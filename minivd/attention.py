@@ -6,9 +6,6 @@ Legend for shape comments:
 
 A context layer (`ContextBlock`) is what the paper swaps between modalities: the image data layers keep their
 ResBlocks, and a flow plugs in the CLIP-text or the CLIP-image set of context blocks at the same 16 positions.
-
-Low memory: `set_attention_slicing(module, n)` makes every `Attention` in `module` attend n query rows at a time,
-so the score matrix never holds more than (B, nh, n, M) numbers. The result is the same up to float rounding.
 """
 
 import math
@@ -18,47 +15,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-class Attention(nn.Module):
-    """Multi-head attention: softmax(q k^T / sqrt(hd)) v, then an output projection.
-
-    Self-attention when `context` is None, cross-attention otherwise. Used by the context blocks (8 heads, no
-    q/k/v bias) and by the VAE's mid-block (1 head, with bias).
-    """
-
-    def __init__(self, dim, heads, head_dim, context_dim=None, qkv_bias=False):
-        super().__init__()
-        inner = heads * head_dim
-        self.heads, self.head_dim = heads, head_dim
-        self.to_q = nn.Linear(dim, inner, bias=qkv_bias)
-        self.to_k = nn.Linear(context_dim or dim, inner, bias=qkv_bias)
-        self.to_v = nn.Linear(context_dim or dim, inner, bias=qkv_bias)
-        self.to_out = nn.Linear(inner, dim)
-        self.probs_hook = None  # set by minivd.hooks.capture_attention: called with the probabilities
-        self.slice_size = None  # query rows per chunk (see set_attention_slicing); None = all rows at once
-
-    def forward(self, x, context=None, causal=False):
-        """x: (B, N, C), context: (B, M, Cc) or None -> (B, N, C). causal: token i sees tokens <= i (CLIP text)."""
-        context = x if context is None else context
-        B, N, _ = x.shape
-        q = self.to_q(x).view(B, N, self.heads, self.head_dim).transpose(1, 2)  # (B, nh, N, hd)
-        k = self.to_k(context).view(B, -1, self.heads, self.head_dim).transpose(1, 2)  # (B, nh, M, hd)
-        v = self.to_v(context).view(B, -1, self.heads, self.head_dim).transpose(1, 2)  # (B, nh, M, hd)
-        if self.slice_size is None or self.slice_size >= N:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # softmax(q k^T / sqrt(hd)) v, fused
-        else:
-            out = torch.cat([self.attend_rows(q, k, v, start, causal) for start in range(0, N, self.slice_size)], dim=2)
-        if self.probs_hook is not None:  # a watcher wants the maps: computed beside, the output is untouched
-            self.probs_hook(self, attention_probs(q, k, causal))
-        out = out.transpose(1, 2).reshape(B, N, self.heads * self.head_dim)  # (B, nh, N, hd) -> (B, N, nh*hd)
-        return self.to_out(out)
-
-    def attend_rows(self, q, k, v, start, causal):
-        """Attention for the query rows start .. start+slice_size-1 only: (B, nh, n, hd) with n <= slice_size."""
-        q = q[:, :, start : start + self.slice_size]  # (B, nh, n, hd)
-        mask = None
-        if causal:  # row start+i sees keys 0 .. start+i
-            mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(start)  # (n, M)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+def attend(q, k, v, causal=False):
+    """softmax(q k^T / sqrt(hd)) v over the keys, fused by PyTorch (`attention_probs` writes the softmax out).
+    q: (B, nh, N, hd), k, v: (B, nh, M, hd) -> (B, nh, N, hd). causal: query i sees keys 0..i."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
 def attention_probs(q, k, causal=False):
@@ -70,21 +30,36 @@ def attention_probs(q, k, causal=False):
     return scores.softmax(dim=-1)
 
 
-def set_attention_slicing(module, slice_size):
-    """Attend `slice_size` query rows at a time in every `Attention` inside `module` (None: all rows at once).
+class Attention(nn.Module):
+    """Multi-head attention: softmax(q k^T / sqrt(hd)) v, then an output projection.
 
-    Bounds the attention scores to (B, nh, slice_size, M) numbers, e.g. for the 4096-token self-attention of a
-    512x512 image, at some cost in speed. The output is the same up to float rounding. Returns the number of
-    attention layers changed.
+    Self-attention when `context` is None, cross-attention otherwise. Used by the context blocks (8 heads, no
+    q/k/v bias), by the VAE's mid-block (1 head, with bias) and by CLIP.
     """
-    if slice_size is not None and (isinstance(slice_size, bool) or not isinstance(slice_size, int) or slice_size < 1):
-        raise ValueError(f"slice_size must be a positive integer or None, got {slice_size!r}")
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
-    layers = [m for m in module.modules() if isinstance(m, Attention)]
-    for layer in layers:
-        layer.slice_size = slice_size
-    return len(layers)
+
+    def __init__(self, dim, heads, head_dim, context_dim=None, qkv_bias=False):
+        super().__init__()
+        inner = heads * head_dim
+        self.heads, self.head_dim = heads, head_dim
+        self.to_q = nn.Linear(dim, inner, bias=qkv_bias)
+        self.to_k = nn.Linear(context_dim or dim, inner, bias=qkv_bias)
+        self.to_v = nn.Linear(context_dim or dim, inner, bias=qkv_bias)
+        self.to_out = nn.Linear(inner, dim)
+        self.attend = attend  # minivd.speed.set_attention_slicing swaps in a sliced version (same numbers)
+        self.probs_hook = None  # set by minivd.hooks.capture_attention: called with the probabilities
+
+    def forward(self, x, context=None, causal=False):
+        """x: (B, N, C), context: (B, M, Cc) or None -> (B, N, C). causal: token i sees tokens <= i (CLIP text)."""
+        context = x if context is None else context
+        B, N, _ = x.shape
+        q = self.to_q(x).view(B, N, self.heads, self.head_dim).transpose(1, 2)  # (B, nh, N, hd)
+        k = self.to_k(context).view(B, -1, self.heads, self.head_dim).transpose(1, 2)  # (B, nh, M, hd)
+        v = self.to_v(context).view(B, -1, self.heads, self.head_dim).transpose(1, 2)  # (B, nh, M, hd)
+        out = self.attend(q, k, v, causal)  # (B, nh, N, hd)
+        if self.probs_hook is not None:  # a watcher wants the maps: computed beside, the output is untouched
+            self.probs_hook(self, attention_probs(q, k, causal))
+        out = out.transpose(1, 2).reshape(B, N, self.heads * self.head_dim)  # (B, nh, N, hd) -> (B, N, nh*hd)
+        return self.to_out(out)
 
 
 class FeedForward(nn.Module):

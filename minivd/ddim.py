@@ -84,24 +84,20 @@ class DDIM:
         a_t = self.alphas_cumprod[t]
         return a_t**0.5 * x0 + (1 - a_t) ** 0.5 * noise
 
-    @torch.no_grad()
     def sample(self, denoiser, x_t, steps, guidance_scale=7.5, eta=0.0, generator=None, callback=None, start_step=0):
-        """Run the reverse process from x_t (pure noise unless start_step > 0).
+        """Run the reverse process from x_t (pure noise unless start_step > 0): the timesteps[start_step:].
 
-        denoiser(x, t, cond) -> eps: with cond=False it must give the unconditional prediction, with cond=True the
-        conditional one; with cond=None, both at once for a batch [x; x] (batched guidance, the fast path).
+        denoiser(x, t) -> (eps_uncond, eps_cond): the noise predicted without and with the condition; eps_uncond is
+        None when guidance is off (guidance_scale <= 1). Then eps = eps_uncond + guidance_scale (eps_cond - eps_uncond).
         callback(step, t, x_t, **state) is called after every step with state = eps_cond, eps_uncond, eps, x0_pred.
         """
-        for i, t in enumerate(self.timesteps(steps)[start_step:], start=start_step):
-            if guidance_scale > 1.0:
-                eps_uncond, eps_cond = denoiser(x_t, t, None)
-                eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-            else:
-                eps_uncond, eps_cond = None, denoiser(x_t, t, True)
-                eps = eps_cond
-            x_t, x0_pred = self.step(eps, t, x_t, steps, eta, generator)
-            if callback is not None:
-                callback(i, t, x_t, eps_cond=eps_cond, eps_uncond=eps_uncond, eps=eps, x0_pred=x0_pred)
+        with torch.no_grad():
+            for i, t in enumerate(self.timesteps(steps)[start_step:], start=start_step):
+                eps_uncond, eps_cond = denoiser(x_t, t)
+                eps = eps_cond if eps_uncond is None else eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+                x_t, x0_pred = self.step(eps, t, x_t, steps, eta, generator)
+                if callback is not None:
+                    callback(i, t, x_t, eps_cond=eps_cond, eps_uncond=eps_uncond, eps=eps, x0_pred=x0_pred)
         return x_t
 
 

@@ -12,6 +12,7 @@ cited where the math comes from:
                           `DDIMSampler.ddim_sampling` (fidelity), inference.py of the 2022 code (commit 51dcd3b):
                           `application_i2t2i` (text-latent editing)
 
+    ImagePrompt           an image condition with its per-image settings: focus, fidelity, weight, mask
     focus                 style <-> semantics: rescale the principal components of the image context's patch tokens
     blend_image_tokens    several images -> one image context (weights, masks, focus per image)
     mixed_contexts        that image context plus a text context, mixed by ratio in the UNet's context layers
@@ -22,10 +23,12 @@ cited where the math comes from:
 
 import math
 import numbers
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 SEMANTIC_DROP = 1  # level < 0.5 shrinks components 0..SEMANTIC_DROP (the original's max_drop_rank[0])
 STYLE_KEEP = 5  # level > 0.5 shrinks components STYLE_KEEP..q-1 and drops the rest (max_drop_rank[1])
@@ -43,6 +46,34 @@ def _check_tokens(tokens, name="tokens"):
     if tokens.ndim != 3 or tokens.shape[1] < 2:
         raise ValueError(f"{name} must be (B, 1+P, C) with a class token and P >= 1 patch tokens, "
                          f"got shape {tuple(tokens.shape)}")
+
+
+@dataclass
+class ImagePrompt:
+    """An image condition for `minivd.generate`, with the paper's per-image settings.
+
+        image     a PIL image
+        focus     style <-> semantics (Sec. 5): 0 semantics ... 0.5 unchanged ... 1 style (`focus`); image conditions
+        fidelity  image-variation: 0 starts from noise ... 1 returns the input itself (`noised_start`)
+        weight    multi-context: how strongly this image's tokens count (`blend_image_tokens`)
+        mask      multi-context: an (h, w) array in [0, 1] over the picture, 1 = keep (`mask_token_weights`)
+    """
+
+    image: Image.Image
+    focus: float = 0.5
+    fidelity: float = 0.0
+    weight: float = 1.0
+    mask: object = None
+
+    def __post_init__(self):
+        if not isinstance(self.image, Image.Image):
+            raise TypeError(f"ImagePrompt.image must be a PIL.Image.Image, got {type(self.image).__name__} "
+                            "(convert arrays with PIL.Image.fromarray)")
+        self.focus = _check_level(self.focus, "focus")
+        fidelity_start_step(1, self.fidelity)  # checks it
+        if isinstance(self.weight, bool) or not isinstance(self.weight, numbers.Real) or not math.isfinite(self.weight) \
+                or self.weight < 0:
+            raise ValueError(f"weight must be a finite number >= 0, got {self.weight!r}")
 
 
 # --- Focus: style <-> semantics disentanglement (paper Sec. 5, "disentanglement of style and semantics") -----------
@@ -229,12 +260,19 @@ def mixed_contexts(image_tokens, text_tokens=None, text_ratio=0.0):
 def colour_adjust(images, reference):
     """Give each output image, per channel, the mean and standard deviation of the reference, clamped to [0, 1].
 
-    images: (B, 3, H, W) in [0, 1]; reference: (1 or B, 3, h, w) in [0, 1] (any size). Returns (B, 3, H, W).
+    images: (B, 3, H, W) in [0, 1], or a list of PIL images (e.g. what generate returned); reference: (1 or B, 3, h, w)
+    in [0, 1] (any size), or a PIL image. Returns the images in the form they came: (B, 3, H, W) or PIL images.
     As app.py, `vd_inference.inference_i2i` ("Simple"): y = (x - mean_x) / std_x * std_ref + mean_ref, then clamp.
     std is torch's default (Bessel-corrected), so before clamping the output's std(unbiased) equals the
     reference's exactly, whatever the two sizes. Clamping can change the stats when values leave [0, 1].
     A constant channel (std 0) becomes the reference mean.
     """
+    if isinstance(images, (list, tuple)) and images and all(isinstance(i, Image.Image) for i in images):
+        pixels = torch.stack([_pil_to_tensor(i) for i in images])
+        if isinstance(reference, Image.Image):
+            reference = _pil_to_tensor(reference)[None]
+        adjusted = colour_adjust(pixels, reference).permute(0, 2, 3, 1).numpy()  # (B, H, W, 3)
+        return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in adjusted]
     for name, x in (("images", images), ("reference", reference)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a tensor (B, 3, H, W), got {type(x).__name__}")
@@ -251,6 +289,11 @@ def colour_adjust(images, reference):
     ref_mean, ref_std = ref.mean(dim=(2, 3), keepdim=True), ref.std(dim=(2, 3), keepdim=True)  # (1 or B, 3, 1, 1)
     normalised = (x - mean) / torch.where(std > 0, std, torch.ones_like(std))
     return (normalised * ref_std + ref_mean).clamp(0, 1).to(images.dtype)
+
+
+def _pil_to_tensor(image):
+    """PIL image -> (3, H, W) float32 in [0, 1]."""
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
 
 
 # --- Fidelity (image variation that stays close to the input) -----------------------------------------------------
@@ -293,6 +336,19 @@ def noised_start(ddim, x0_latents, noise, steps, fidelity):
         return noise, start_step
     t = ddim.timesteps(steps)[start_step]
     return ddim.add_noise(x0_latents, noise, t), start_step
+
+
+def centre_crop_mask(mask, picture, name):
+    """A mask drawn over the whole picture -> its part over the centre square that CLIP's preprocessing keeps
+    (the crop is taken in the mask's own pixels, so its values are not resampled here)."""
+    mask = np.asarray(mask, dtype=np.float32)
+    if mask.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D (h, w) mask, got shape {mask.shape}")
+    (W, H), (h, w) = picture.size, mask.shape
+    keep_h, keep_w = min(H, W) / H, min(H, W) / W  # the kept share of each side
+    rows, cols = max(1, round(h * keep_h)), max(1, round(w * keep_w))
+    top, left = (h - rows) // 2, (w - cols) // 2
+    return mask[top : top + rows, left : left + cols]
 
 
 # --- Image -> text -> image editing (paper Fig. 10, "latent image-to-text-to-image editing") -----------------------

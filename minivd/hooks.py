@@ -10,8 +10,8 @@ attached no extra work is done.
         images = minivd.generate("text-to-image", model=model, prompt="a red fox", seed=0)
     maps.mean_map("context.text.blocks.15", step=-1)  # (h, w, M): where each latent pixel looks, last row
 
-    state = []
-    minivd.generate(..., callback=lambda step, t, latents, **s: state.append(s))   # eps_cond, eps_uncond, x0_pred
+    steps = StepRecorder()                         # every step's state: eps_cond, eps_uncond, eps, x0_pred
+    minivd.generate(..., callback=steps)
 """
 
 from contextlib import contextmanager
@@ -105,11 +105,23 @@ def word_attention(maps, tokenizer, prompt, step=-1, row=-1):
     return [(tokenizer.decode([ids[p]]).strip(), heat[p].numpy()) for p in range(1, end)]
 
 
-@torch.no_grad()
 def preview(model, x0_pred):
-    """Decode the sampler's predicted x0 at any step into PIL images (image flows): a look at where it is heading."""
-    from .vae import latents_to_images
-
-    pixels = latents_to_images(model.vae, x0_pred.to(next(model.vae.parameters()).dtype))
-    array = pixels.float().permute(0, 2, 3, 1).cpu().numpy()
+    """Decode the sampler's predicted x0 at any step into PIL images (image flows): a look at where it is heading.
+    x0_pred may live on any device; it is decoded where the VAE is."""
+    with torch.no_grad():
+        pixels = model.decode_images(x0_pred.to(model.device))  # (B, 3, H, W) in [0, 1]
+    array = pixels.permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
+
+
+class StepRecorder(list):
+    """A callback for `generate` that keeps every step's state: a list of dicts with step, t, latents, eps_cond,
+    eps_uncond, eps, x0_pred (tensors as the sampler made them; nothing is copied or changed).
+
+        steps = StepRecorder()
+        minivd.generate("text-to-image", prompt="a red circle", callback=steps)
+        steps[-1]["x0_pred"]
+    """
+
+    def __call__(self, step, t, latents, **state):
+        self.append(dict(step=step, t=int(t), latents=latents, **state))

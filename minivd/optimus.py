@@ -17,9 +17,7 @@ Legend for shape comments:
 The modules have no dropout, so train() and eval() compute the same thing (the original never called eval()).
 """
 
-import json
 import math
-from collections import Counter
 import os
 import re
 from dataclasses import dataclass
@@ -27,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 GPT2_ADDED_TOKENS = ("<PAD>", "<BOS>", "<EOS>")  # ids 50257, 50258, 50259 after GPT-2's 50257 byte-level BPE tokens
 
@@ -62,9 +60,10 @@ class OptimusConfig:
 
     @classmethod
     def tiny(cls):
-        """Sizes for tests; the vocab sizes match the files written by `write_tiny_vocabs`."""
-        return cls(encoder_vocab_size=TINY_BERT_VOCAB, encoder_hidden=32, encoder_layers=2, encoder_heads=4,
-                   encoder_mlp=64, encoder_positions=96, decoder_vocab_size=TINY_GPT2_VOCAB + len(GPT2_ADDED_TOKENS),
+        """Sizes for tests; the vocab sizes match the files `minivd.tools.vocab.write_tiny_vocabs` writes (160 word
+        pieces; 320 GPT-2 tokens, plus the 3 added ones)."""
+        return cls(encoder_vocab_size=160, encoder_hidden=32, encoder_layers=2, encoder_heads=4,
+                   encoder_mlp=64, encoder_positions=96, decoder_vocab_size=320 + len(GPT2_ADDED_TOKENS),
                    decoder_hidden=48, decoder_layers=3, decoder_heads=6, decoder_mlp=192, decoder_positions=64,
                    latent_dim=16)
 
@@ -302,49 +301,6 @@ def load_tokenizers(folder):
             gpt2_tokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")))
 
 
-TINY_CORPUS = [
-    "a cat sitting on a red couch next to a window.", "two dogs run across the green grass in the park.",
-    "a man riding a bicycle down a city street.", "a bowl of fruit on a wooden kitchen table.",
-    "a small boat floating on a calm blue lake.", "a woman holding an umbrella in the rain.",
-    "the sun sets behind the mountains and the sky turns orange.", "a train crossing a bridge over a river.",
-    "three birds sitting on a power line at dawn.", "a plate of pasta with tomato sauce and basil.",
-    "children playing football on a sandy beach.", "an old church with a tall stone tower.",
-    "a yellow taxi waiting at a traffic light.", "a painting of a horse standing in a field of flowers.",
-    "A Person Walks Their Dog, Isn't It Lovely? Yes!", "snow covers the roofs of the quiet village at night.",
-]
-TINY_BERT_VOCAB = 160  # word pieces in the tiny vocab.txt
-TINY_GPT2_VOCAB = 320  # tokens in the tiny vocab.json: 256 bytes, 63 merges, <|endoftext|>
-
-
-def write_tiny_vocabs(folder):
-    """Train tiny stand-ins for bert-base-cased vocab.txt and GPT-2 vocab.json / merges.txt on TINY_CORPUS."""
-    os.makedirs(folder, exist_ok=True)
-    # WordPiece vocab built by counting (the tokenizers trainer breaks ties differently from run to run):
-    # special tokens, every character alone and as a "##" continuation, the most frequent words, [unused] padding
-    split = pre_tokenizers.BertPreTokenizer().pre_tokenize_str
-    words = Counter(word for line in TINY_CORPUS for word, _ in split(line.lower()))
-    chars = sorted({c for word in words for c in word})
-    bert_vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *("##" + c for c in chars)]
-    ranked = [w for w, _ in sorted(words.items(), key=lambda item: (-item[1], item[0])) if len(w) > 1]
-    bert_vocab += ranked[: TINY_BERT_VOCAB - len(bert_vocab)]
-    bert_vocab += [f"[unused{i}]" for i in range(TINY_BERT_VOCAB - len(bert_vocab))]  # as BERT's own vocab has
-    bert = Tokenizer(models.WordPiece({token: i for i, token in enumerate(bert_vocab)}, unk_token="[UNK]"))
-    gpt2 = Tokenizer(models.BPE())
-    gpt2.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    gpt2.train_from_iterator(TINY_CORPUS, trainers.BpeTrainer(
-        vocab_size=TINY_GPT2_VOCAB - 1, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    gpt2_vocab = gpt2.get_vocab()
-    gpt2_vocab["<|endoftext|>"] = len(gpt2_vocab)  # last, as in GPT-2's vocab.json (id 50256)
-    sizes = bert.get_vocab_size(), len(gpt2_vocab)
-    if sizes != (TINY_BERT_VOCAB, TINY_GPT2_VOCAB):
-        raise RuntimeError(f"tiny vocab sizes {sizes} differ from {(TINY_BERT_VOCAB, TINY_GPT2_VOCAB)}")
-    bert.model.save(folder)  # vocab.txt
-    gpt2.model.save(folder)  # merges.txt (and a vocab.json, rewritten below)
-    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump(dict(sorted(gpt2_vocab.items(), key=lambda item: item[1])), f, ensure_ascii=False)
-    return {name: os.path.join(folder, name) for name in ("vocab.txt", "vocab.json", "merges.txt")}
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The VAE
 # ----------------------------------------------------------------------------------------------------------------
@@ -401,12 +357,12 @@ class Optimus(nn.Module):
         return mu
 
     def _check_latent(self, z):
-        """-> z on the decoder's device and dtype."""
+        """-> z in the decoder's dtype (on its own device: the decoder's, or the one it will run on when offloaded)."""
         if not isinstance(z, torch.Tensor):
             raise TypeError(f"z must be a torch.Tensor, got {type(z).__name__}")
         if z.ndim != 2 or z.shape[1] != self.config.latent_dim:
             raise ValueError(f"z must have shape (B, {self.config.latent_dim}), got {tuple(z.shape)}")
-        return z.to(self.decoder.linear.weight)
+        return z.to(dtype=self.decoder.linear.weight.dtype)
 
     def logits(self, z, input_ids):
         """z: (B, Z), input_ids: (B, T) decoder token ids (usually starting with <BOS>) -> logits (B, T, V)."""

@@ -7,46 +7,119 @@ A generation is four steps, the same for every flow:
                   unconditional ones ("" / a mid-gray picture) for classifier-free guidance
     2. latents    start from Gaussian noise x_T (seeded on the CPU, like diffusers), or, with fidelity, from the
                   input image's own latents noised part of the way
-    3. denoise    DDIM over the UNet with the flow's data layers and context layers (minivd.ddim)
+    3. denoise    DDIM over the UNet with the flow's data layers and context layers (`denoise`, minivd.ddim)
     4. decode     the VAE turns image latents into pixels; Optimus turns text latents (B, 768) into sentences
 
-Flows: text-to-image, image-variation, dual-guided, image-to-text, text-variation (minivd.unet.FLOWS), and
-multi-context: several images (each weighted, focused and optionally masked) and an optional prompt, mixed by ratio.
+Modes: the five flows of minivd.unet.FLOWS (text-to-image, image-variation, dual-guided, image-to-text,
+text-variation), and multi-context: several images (each weighted, focused and optionally masked, see
+`extensions.ImagePrompt`) and an optional prompt, mixed by ratio.
 """
 
-import ctypes
-import inspect
+import numbers
 import os
-from contextlib import contextmanager
 
 import numpy as np
 import torch
 from PIL import Image
 
 from . import extensions
-from .clip import preprocess
-from .model import VersatileDiffusion, demo_model, flow_parts, load
-from .vae import images_to_latents, latents_to_images
+from .checkpoint import load
+from .extensions import ImagePrompt
+from .model import VersatileDiffusion
+from .unet import FLOWS
 
-MODES = ("text-to-image", "image-variation", "dual-guided", "image-to-text", "text-variation", "multi-context")
-OUTPUTS = ("pil", "np", "latent")  # image flows; the text flows return strings ("pil"/"text") or "latent"
+MODES = (*FLOWS, "multi-context")
+OUTPUTS = {"image": ("pil", "np", "latent"), "text": ("text", "latent")}  # what each kind of flow can return
 
 
-def resolve_model(model, device="cpu", dtype=torch.float32):
-    """A loaded model, a path, or None: $MINIVD_WEIGHTS if set, else the built-in tiny demo model."""
+def generate(mode, model=None, prompt=None, negative_prompt=None, image=None, negative_image=None, mix_ratio=None,
+             steps=None, guidance_scale=None, eta=0.0, height=None, width=None, seed=None, latents=None, num_images=1,
+             output=None, callback=None):
+    """Run one VD mode (see the module docstring); steps, guidance_scale, height and width default to the model's
+    (`model.config.defaults`: the official weights' 50, 7.5, 512, 512).
+
+    prompt: a string or a list (one output group per prompt); image: a PIL image, an `ImagePrompt` (an image with
+    focus, fidelity, and for multi-context weight and mask) or a list of them (multi-context: the images to blend);
+    negative_prompt / negative_image replace the unconditional "" / gray picture; mix_ratio: the text context's
+    share (dual-guided, and multi-context with a prompt; 0.5 when not given); eta: DDIM noise (0 deterministic);
+    seed or latents (x_T); num_images per condition; callback(step, t, latents, **state) after every step, with
+    state = eps_cond, eps_uncond, eps, x0_pred.
+    output: image flows "pil" (default, a list of PIL images), "np" (float32 (B, H, W, 3) in [0, 1]) or "latent"
+    ((B, 4, H/8, W/8)); text flows "text" (default, a list of B sentences, sampled by Optimus from the seed) or
+    "latent" ((B, 768) text latents: decode them your way with `model.optimus.decode`).
+    With the same `latents` the images equal diffusers' pipelines on the same weights.
+    """
+    model = resolve_model(model)
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    flow = mode if mode != "multi-context" else ("dual-guided" if prompt is not None else "image-variation")
+    data, kinds = FLOWS[flow]
+    if mix_ratio is not None and flow != "dual-guided":
+        raise ValueError(f"mix_ratio applies to dual-guided and to multi-context with a prompt, not {mode!r}")
+    if data == "text" and (height is not None or width is not None):
+        raise ValueError(f"height and width apply to the image flows, not {mode!r} (its output is text)")
+    d = model.config.defaults
+    steps, guidance_scale = (d.steps if steps is None else steps), (d.guidance_scale if guidance_scale is None else guidance_scale)
+    height, width = (d.height if height is None else height), (d.width if width is None else width)
+    mix_ratio, output = (0.5 if mix_ratio is None else mix_ratio), (output or ("pil" if data == "image" else "text"))
+    check_numbers(mix_ratio, steps, guidance_scale, eta, num_images, seed)
+    if output not in OUTPUTS[data]:
+        raise ValueError(f"output must be one of {OUTPUTS[data]} for {mode!r}, got {output!r}")
+    text = text_condition(mode, kinds, prompt, negative_prompt)
+    images = image_condition(mode, kinds, image, negative_image)
+    n = 1 if mode == "multi-context" else len((images or text)[0])  # conditions; B = n * num_images outputs
+    if text is not None and images is not None and mode != "multi-context" and len(text[0]) != n:
+        raise ValueError(f"{mode} needs as many prompts as images, got {len(text[0])} and {n}")
+    if data == "image":
+        f = model.vae_factor
+        if height <= 0 or width <= 0 or height % f or width % f:
+            raise ValueError(f"height and width must be positive multiples of {f}, got {height}x{width}")
+        shape = (n * num_images, model.config.unet.image_channels, height // f, width // f)
+    else:
+        shape = (n * num_images, model.config.unet.text_channels, 1, 1)  # the Optimus latent as a 1 x 1 "image"
+        if isinstance(latents, torch.Tensor) and latents.dim() == 2:
+            latents = latents[:, :, None, None]
+    fidelity = images[0][0].fidelity if images else 0.0
+
+    with model.lock, torch.no_grad():
+        model.prepare(flow, vae_encoder=fidelity > 0)
+        # 1. contexts: (kind, tokens (2B or B, M, Cc), ratio) per condition, rows [uncond; cond] when guided
+        contexts = condition_contexts(model, mode, text, images, mix_ratio, num_images, guidance_scale > 1)
+
+        # 2. latents: x_T, or with fidelity the input's latents noised to the step the sampler starts at
+        x_T, generator = initial_latents(shape, latents, seed, model.device, model.dtype)
+        start_step = 0
+        if fidelity:
+            pictures = to_pixels([p.image for p in images[0]], height, width).repeat_interleave(num_images, 0)
+            x0 = model.encode_images(pictures).to(model.dtype)
+            x_T, start_step = extensions.noised_start(model.sampler, x0, x_T, steps, fidelity)
+
+        # 3. denoise
+        x_0 = denoise(model, data, contexts, x_T, steps, guidance_scale, eta, generator, callback, start_step)
+        check_finite(x_0, "the denoised latents (is a weight, the input latents or a setting not finite?)")
+
+        # 4. decode; the text flows sample from a fresh generator: the same seed gives the same sentences with or
+        # without latents=
+        if data == "text" and seed is not None:
+            generator = torch.Generator("cpu").manual_seed(int(seed))
+        return decode(model, data, x_0, output, generator)
+
+
+def resolve_model(model):
+    """A loaded model; a checkpoint path; or None: $MINIVD_WEIGHTS if set, else the built-in model."""
     if isinstance(model, VersatileDiffusion):
         return model
-    if model is None:
-        model = os.environ.get("MINIVD_WEIGHTS")
-        if not model:
-            return demo_model(device, dtype)
-    if isinstance(model, (str, os.PathLike)):
-        return load(model, device=device, dtype=dtype)
+    if model is None or isinstance(model, (str, os.PathLike)):
+        return load(model)
     raise TypeError(f"model must be a VersatileDiffusion, a checkpoint path or None, got {type(model).__name__}")
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Checking what a call asks for
+
+
 def as_list(value, name, kind):
-    """str -> [str]; list of str stays; anything else is an error naming `name`."""
+    """A value of `kind` -> [value]; a non-empty list of them stays; anything else is an error naming `name`."""
     items = [value] if isinstance(value, kind) else value
     if not isinstance(items, (list, tuple)) or not items or not all(isinstance(v, kind) for v in items):
         want = "a string" if kind is str else "a PIL.Image.Image"
@@ -56,137 +129,155 @@ def as_list(value, name, kind):
     return list(items)
 
 
-@torch.no_grad()
-def encode_text(model, prompts):
-    """CLIP text context, VD-normalised: list of B strings -> (B, 77, Cc)."""
-    with model.running("text_encoder"):
-        return model.text_encoder(model.tokenizer(prompts).to(model.device))
-
-
-@torch.no_grad()
-def encode_image(model, images, token_weights=None):
-    """CLIP image context, VD-normalised: list of B PIL images -> (B, 257, Cc)."""
-    pixels = preprocess(images, model.image_preprocess).to(model.device, model.dtype)
-    with model.running("image_encoder"):
-        return model.image_encoder(pixels, token_weights)
-
-
-def gray_image():
-    """The unconditional image: a uniform mid-gray picture (uint8 127), as in diffusers and the original code."""
-    return Image.new("RGB", (512, 512), (127, 127, 127))
-
-
-def check_inputs(mode, prompt, image, mix_ratio, steps, num_images, height, width, output, eta, factor, fidelity,
-                 focus=0.5, weights=None, focus_levels=None, masks=None):
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-    _, contexts, _ = flow_parts("dual-guided" if mode == "multi-context" else mode)
-    if "text" in contexts and prompt is None and mode != "multi-context":
-        raise ValueError(f"mode {mode!r} needs a prompt (text condition)")
-    if "image" in contexts and image is None:
-        raise ValueError(f"mode {mode!r} needs an image (PIL.Image.Image)" + (" or a list of them" if mode == "multi-context" else ""))
-    if not 0.0 <= mix_ratio <= 1.0:
-        raise ValueError(f"mix_ratio must be in [0, 1], got {mix_ratio}")
-    if not isinstance(steps, int) or steps < 1:
+def check_numbers(mix_ratio, steps, guidance_scale, eta, num_images, seed):
+    real = lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and np.isfinite(v)
+    integer = lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)
+    if not real(mix_ratio) or not 0.0 <= mix_ratio <= 1.0:
+        raise ValueError(f"mix_ratio must be a number in [0, 1], got {mix_ratio!r}")
+    if not integer(steps) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    if not isinstance(num_images, int) or num_images < 1:
+    if not real(guidance_scale) or guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
+    if not real(eta) or eta < 0:
+        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+    if not integer(num_images) or num_images < 1:
         raise ValueError(f"num_images must be an integer >= 1, got {num_images!r}")
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
-    if fidelity and mode != "image-variation":
-        raise ValueError(f"fidelity applies to image-variation only, not {mode!r}")
-    if focus != 0.5 and mode not in ("image-variation", "dual-guided", "image-to-text"):
-        hint = " (use focus_levels, one per image)" if mode == "multi-context" else ""
-        raise ValueError(f"focus applies to a single image condition, not {mode!r}{hint}")
-    for name, value in (("weights", weights), ("focus_levels", focus_levels), ("masks", masks)):
-        if value is not None and mode != "multi-context":
-            raise ValueError(f"{name} applies to multi-context only, not {mode!r}")
-    image_out = mode not in ("image-to-text", "text-variation")
-    allowed = OUTPUTS if image_out else ("text", "pil", "latent")
-    if output not in allowed:
-        raise ValueError(f"output must be one of {allowed} for {mode!r}, got {output!r}")
-    if image_out and (height % factor or width % factor or height <= 0 or width <= 0):
-        raise ValueError(f"height and width must be positive multiples of {factor}, got {height}x{width}")
+    if seed is not None and (not integer(seed) or not 0 <= seed < 2**64):
+        raise ValueError(f"seed must be an integer in [0, 2**64) or None, got {seed!r}")
+
+
+def text_condition(mode, kinds, prompt, negative_prompt):
+    """(prompts, negative prompts or None), or None when the mode takes no text."""
+    if "text" not in kinds:
+        if prompt is not None or negative_prompt is not None:
+            raise ValueError(f"mode {mode!r} takes no prompt (it is conditioned on an image)")
+        return None
+    if prompt is None:
+        raise ValueError(f"mode {mode!r} needs a prompt (text condition)")
+    prompts = as_list(prompt, "prompt", str)
+    negatives = as_list(negative_prompt, "negative_prompt", str) if negative_prompt is not None else None
+    for name, texts in (("prompt", prompts), ("negative_prompt", negatives or [])):
+        for i, text in enumerate(texts):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"{name}[{i}] is not valid text: {e.reason} at position {e.start} "
+                                 f"({text[max(0, e.start - 10):e.start + 10]!r})") from None
+    return prompts, negatives
+
+
+def image_condition(mode, kinds, image, negative_image):
+    """(list of ImagePrompt, negative images or None), or None when the mode takes no image. Says which of an
+    ImagePrompt's settings the mode does not use."""
+    if "image" not in kinds:
+        if image is not None or negative_image is not None:
+            raise ValueError(f"mode {mode!r} takes no image (it is conditioned on a prompt)")
+        return None
+    if image is None:
+        raise ValueError(f"mode {mode!r} needs an image (PIL.Image.Image)" + (" or a list of them" if mode == "multi-context" else ""))
+    items = [image] if isinstance(image, (Image.Image, ImagePrompt)) else image
+    if not isinstance(items, (list, tuple)) or not items or not all(isinstance(i, (Image.Image, ImagePrompt)) for i in items):
+        got = type(image).__name__ if not isinstance(image, (list, tuple)) else f"a list of {[type(i).__name__ for i in image]}"
+        raise TypeError(f"image must be a PIL.Image.Image, a minivd.ImagePrompt or a non-empty list of them, got {got} "
+                        "(convert arrays with PIL.Image.fromarray)")
+    prompts = [i if isinstance(i, ImagePrompt) else ImagePrompt(i) for i in items]
+    for i, p in enumerate(prompts):
+        if (p.weight != 1.0 or p.mask is not None) and mode != "multi-context":
+            raise ValueError(f"image[{i}]: weight and mask apply to multi-context only, not {mode!r}")
+        if p.fidelity and mode != "image-variation":
+            raise ValueError(f"image[{i}]: fidelity applies to image-variation only, not {mode!r}")
+        if p.focus != 0.5 and mode == "text-variation":
+            raise ValueError(f"image[{i}]: focus applies to image conditions")
+    if len({p.fidelity for p in prompts}) > 1:
+        raise ValueError(f"every image needs the same fidelity, got {[p.fidelity for p in prompts]}")
+    negatives = as_list(negative_image, "negative_image", Image.Image) if negative_image is not None else None
+    return prompts, negatives
+
+
+def check_finite(x, where):
+    if not torch.isfinite(x).all():
+        raise FloatingPointError(f"non-finite values (NaN or inf) in {where}")
 
 
 def initial_latents(shape, latents, seed, device, dtype):
     """x_T: the given latents (checked), else N(0, I) drawn on the CPU from `seed` (the same image on any device).
-    Returns (x_T, the CPU generator or None)."""
-    if latents is not None:
-        if not isinstance(latents, torch.Tensor):
-            raise TypeError(f"latents must be a torch.Tensor, got {type(latents).__name__}")
-        if tuple(latents.shape) != tuple(shape):
-            raise ValueError(f"latents have shape {tuple(latents.shape)}, but this call needs {tuple(shape)} "
-                             "(check height, width, num_images and the number of prompts/images)")
-        generator = torch.Generator("cpu").manual_seed(seed) if seed is not None else None
-        return latents.to(device, dtype), generator
+    Returns (x_T, the CPU generator that also drives eta's noise)."""
     generator = torch.Generator("cpu")
-    generator.manual_seed(seed) if seed is not None else generator.seed()
-    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype), generator
+    generator.manual_seed(int(seed)) if seed is not None else generator.seed()
+    if latents is None:
+        return torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype), generator
+    if not isinstance(latents, torch.Tensor):
+        raise TypeError(f"latents must be a torch.Tensor, got {type(latents).__name__}")
+    if tuple(latents.shape) != tuple(shape):
+        raise ValueError(f"latents have shape {tuple(latents.shape)}, but this call needs {tuple(shape)} "
+                         "(check height, width, num_images and the number of prompts/images)")
+    check_finite(latents, "the latents given")
+    return latents.to(device, dtype), generator
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # 1. contexts
 
 
-def text_context(model, prompt, negative_prompt, num_images, guided):
-    """(B or 2B, 77, Cc) rows [uncond; cond] when guided, and the number of conditions."""
-    cond = as_list(prompt, "prompt", str)
-    uncond = as_list(negative_prompt, "negative_prompt", str) if negative_prompt is not None else [""]
-    return with_uncond(encode_text(model, cond), lambda: encode_text(model, broadcast(uncond, cond, "prompt")),
-                       num_images, guided), len(cond)
+def condition_contexts(model, mode, text, images, mix_ratio, num_images, guided):
+    """The mode's contexts as DualContextUNet takes them: [(kind, tokens, ratio)], ratios summing to 1.
+    text: (prompts, negatives) or None; images: (ImagePrompts, negative images) or None."""
+    contexts = {}
+    if images is not None:
+        contexts["image"] = (blend_context if mode == "multi-context" else image_context)(model, *images)
+    if text is not None:
+        contexts["text"] = text_context(model, *text)
+    contexts = {kind: with_uncond(pair, num_images, guided).to(model.device, model.dtype) for kind, pair in contexts.items()}
+    for kind, tokens in contexts.items():
+        check_finite(tokens, f"the {kind} context (is a weight of the CLIP {kind} encoder not finite?)")
+    if len(contexts) == 1:
+        return [(kind, tokens, 1.0) for kind, tokens in contexts.items()]
+    return extensions.mixed_contexts(contexts["image"], contexts["text"], mix_ratio)
 
 
-def image_context(model, image, negative_image, num_images, guided, focus=0.5):
-    """(B or 2B, 257, Cc) rows [uncond; cond] when guided; `focus` moves the condition to semantics/style."""
-    cond = as_list(image, "image", Image.Image)
-    uncond = as_list(negative_image, "negative_image", Image.Image) if negative_image is not None else [gray_image()]
-    tokens = extensions.focus(encode_image(model, cond), focus)
-    return with_uncond(tokens, lambda: encode_image(model, broadcast(uncond, cond, "image")), num_images, guided), len(cond)
+def text_context(model, prompts, negatives):
+    """(encode the unconditional contexts, the conditional ones (B, 77, Cc))."""
+    uncond = broadcast(negatives or [""], prompts, "prompt")
+    return lambda: model.encode_text(uncond), model.encode_text(prompts)
 
 
-def blend_context(model, images, weights, focus_levels, masks, negative_image, num_images, guided):
-    """Multi-context blending: the n images as one image context (1, n * 257, Cc), repeated for the batch.
+def image_context(model, prompts, negatives):
+    """(encode the unconditional contexts, the conditional ones (B, 257, Cc)); focus moves each condition towards
+    semantics or style."""
+    tokens = model.encode_image([p.image for p in prompts])
+    levels = [p.focus for p in prompts]
+    if len(set(levels)) == 1:
+        tokens = extensions.focus(tokens, levels[0])
+    else:
+        tokens = torch.cat([extensions.focus(tokens[i : i + 1], level) for i, level in enumerate(levels)])
+    uncond = broadcast(negatives or [model.unconditional_image()], prompts, "image")
+    return lambda: model.encode_image(uncond), tokens
+
+
+def blend_context(model, prompts, negatives):
+    """Multi-context blending: the n images as one image context (1, n * 257, Cc).
 
     Each image is encoded with its mask on CLIP's input embeddings, then masked, focused and weighted on the output
     tokens and concatenated (minivd.extensions.blend_image_tokens). The unconditional context is the gray picture's
     tokens repeated n times (attention over n identical copies equals attention over one), so one image with weight 1
     is exactly image-variation."""
-    images = as_list(images, "image", Image.Image)
-    n = len(images)
-    weights = [1.0] * n if weights is None else weights
-    masks = [None] * n if masks is None else masks
-    if not isinstance(masks, (list, tuple)) or len(masks) != n:
-        raise ValueError(f"masks must be a list with one entry per image ({n})")
-    patch, grid = model.vision_config.patch_size, model.vision_config.image_size // model.vision_config.patch_size
-    token_sets, cropped = [], []
-    for i, (picture, mask) in enumerate(zip(images, masks)):
-        token_weights = None
-        if mask is not None:
-            mask = centre_crop_mask(mask, picture, f"masks[{i}]")  # the part of the mask CLIP's crop keeps
+    vision = model.config.vision
+    patch, grid = vision.patch_size, vision.image_size // vision.patch_size
+    token_sets, masks = [], []
+    for i, p in enumerate(prompts):
+        token_weights, mask = None, None
+        if p.mask is not None:
+            mask = extensions.centre_crop_mask(p.mask, p.image, f"image[{i}].mask")  # the part CLIP's crop keeps
             try:
                 token_weights = extensions.mask_token_weights(mask, grid**2, patch)
             except (TypeError, ValueError) as error:
-                raise type(error)(f"masks[{i}]: {error}") from None
-        cropped.append(mask)
-        token_sets.append(encode_image(model, [picture], token_weights))
-    levels = [focus_levels] * n if isinstance(focus_levels, (int, float)) else focus_levels
-    tokens = extensions.blend_image_tokens(token_sets, weights, levels, cropped, patch)  # (1, n * 257, Cc)
-    uncond = as_list(negative_image, "negative_image", Image.Image)[:1] if negative_image is not None else [gray_image()]
-    return with_uncond(tokens, lambda: encode_image(model, uncond).repeat(1, n, 1), num_images, guided), 1
-
-
-def centre_crop_mask(mask, picture, name):
-    """A mask drawn over the whole picture -> its part over the centre square that CLIP's preprocessing keeps
-    (the crop is taken in the mask's own pixels, so its values are not resampled here)."""
-    mask = np.asarray(mask, dtype=np.float32)
-    if mask.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D (h, w) mask, got shape {mask.shape}")
-    (W, H), (h, w) = picture.size, mask.shape
-    keep_h, keep_w = min(H, W) / H, min(H, W) / W  # the kept share of each side
-    rows, cols = max(1, round(h * keep_h)), max(1, round(w * keep_w))
-    top, left = (h - rows) // 2, (w - cols) // 2
-    return mask[top : top + rows, left : left + cols]
+                raise type(error)(f"image[{i}].mask: {error}") from None
+        masks.append(mask)
+        token_sets.append(model.encode_image([p.image], token_weights))
+    tokens = extensions.blend_image_tokens(token_sets, [p.weight for p in prompts], [p.focus for p in prompts], masks,
+                                           patch)  # (1, n * 257, Cc)
+    uncond = (negatives or [model.unconditional_image()])[:1]
+    return lambda: model.encode_image(uncond).repeat(1, len(prompts), 1), tokens
 
 
 def broadcast(uncond, cond, name):
@@ -197,231 +288,91 @@ def broadcast(uncond, cond, name):
     return uncond
 
 
-def with_uncond(tokens, encode_uncond, num_images, guided):
+def with_uncond(pair, num_images, guided):
+    """(encode_uncond, cond tokens) -> tokens (B, M, Cc), or (2B, M, Cc) rows [uncond; cond] when guided."""
+    encode_uncond, tokens = pair
     tokens = tokens.repeat_interleave(num_images, dim=0)  # (B, M, Cc)
     if guided:
         tokens = torch.cat([encode_uncond().repeat_interleave(num_images, dim=0), tokens])  # (2B, M, Cc)
     return tokens
 
 
-def contexts_for(model, mode, prompt, negative_prompt, image, negative_image, mix_ratio, num_images, guided, focus,
-                 weights, focus_levels, masks):
-    """The flow's contexts as DualContextUNet takes them: [(kind, tokens, ratio)], and the number of conditions."""
-    if mode in ("text-to-image", "text-variation"):
-        tokens, n = text_context(model, prompt, negative_prompt, num_images, guided)
-        return [("text", tokens, 1.0)], n
-    if mode in ("image-variation", "image-to-text"):
-        tokens, n = image_context(model, image, negative_image, num_images, guided, focus)
-        return [("image", tokens, 1.0)], n
-    if mode == "dual-guided":
-        image_tokens, n = image_context(model, image, negative_image, num_images, guided, focus)
-    else:  # multi-context
-        image_tokens, n = blend_context(model, image, weights, focus_levels, masks, negative_image, num_images, guided)
-        if prompt is None:
-            return extensions.mixed_contexts(image_tokens), n
-    text_tokens, n_text = text_context(model, prompt, negative_prompt, num_images, guided)
-    if n_text != n:
-        raise ValueError(f"{mode} needs as many prompts as images, got {n_text} and {n}")
-    return extensions.mixed_contexts(image_tokens, text_tokens, mix_ratio), n
-
-
 # ---------------------------------------------------------------------------------------------------------------------
+# 3. denoise and 4. decode, shared by generate and edit_image
 
 
-def state_for(callback, state):
-    """The part of a step's state the callback takes: all of it with **kwargs, else the keywords it names."""
-    params = inspect.signature(callback).parameters
-    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        return state
-    return {k: v for k, v in state.items() if k in params}
-
-
-def to_pixels(images, height, width):
-    """PIL images -> (B, 3, height, width) in [0, 1] (bicubic resize; for fidelity and colour adjust)."""
-    arrays = [np.asarray(im.convert("RGB").resize((width, height), Image.BICUBIC)) for im in images]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
-
-
-def glibc():
-    """The C library, if it is glibc (its malloc tuning calls exist); None on other systems."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-
-
-@contextmanager
-def reusing_freed_memory(device, limit=128 * 2**20):
-    """CPU speed: let glibc's malloc keep and reuse large freed blocks while the UNet runs step after step.
-
-    By default glibc hands each freed block above 128 KiB back to the OS, so every step page-faults its large
-    temporaries (activations, oneDNN's reordered conv weights) in again; on a 2-core CPU that is up to a quarter of
-    the step time. Inside this block, blocks up to `limit` bytes come from and return to the heap; on exit glibc's
-    default thresholds come back and malloc_trim gives the freed memory to the OS, so the VAE decode that follows
-    starts from a lean heap. It changes no number. Skipped on a GPU, off glibc, and when the MALLOC_*_THRESHOLD_
-    environment variables show the allocator is tuned already.
-    """
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, DEFAULT = -1, -3, 128 * 1024  # mallopt parameters (malloc.h), glibc's default
-    tuned = any(name in os.environ for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"))
-    libc = glibc() if device.type == "cpu" and not tuned else None
-    if libc is None:
-        yield
-        return
-    libc.mallopt(M_MMAP_THRESHOLD, limit)
-    libc.mallopt(M_TRIM_THRESHOLD, 2 * limit)
-    try:
-        yield
-    finally:
-        libc.mallopt(M_MMAP_THRESHOLD, DEFAULT)
-        libc.mallopt(M_TRIM_THRESHOLD, DEFAULT)
-        libc.malloc_trim(0)
-
-
-def generate(mode, model=None, prompt=None, negative_prompt=None, image=None, negative_image=None, mix_ratio=0.5,
-             steps=50, guidance_scale=7.5, eta=0.0, height=512, width=512, seed=None, latents=None, num_images=1,
-             output="pil", callback=None, device=None, dtype=None,
-             focus=0.5, fidelity=0.0, colour_adjust=False, weights=None, focus_levels=None, masks=None,
-             max_length=30, temperature=1.0, top_k=0, top_p=1.0, greedy=False, return_intermediates=False):
-    """Run one VD flow.
-
-    Image flows: "text-to-image" (prompt), "image-variation" (image), "dual-guided" (prompt and image, mixed by
-    mix_ratio = the share of the text context), "multi-context" (image = a list of images to blend, each with
-    `weights`, `focus_levels` and `masks`, plus an optional prompt with share mix_ratio). They return a list of PIL
-    images, a float32 array (B, H, W, 3) in [0, 1] (output="np") or the final latents (B, 4, H/8, W/8)
-    (output="latent"). With the same `latents` the result equals diffusers' pipeline on the same weights; the same
-    `seed` gives the same result on the same machine.
-    Extensions (paper Sec. 5): focus in [0, 1] (0.5 unchanged, lower = semantics, higher = style) on the image
-    context; fidelity in [0, 1] (image-variation: 0 = from noise, 1 = the input itself); colour_adjust matches the
-    output's channel statistics to the input image.
-
-    Text flows: "image-to-text" (image), "text-variation" (prompt). They return a list of B strings, decoded by
-    Optimus (max_length tokens, sampling with temperature / top_k / top_p from the seed, or greedy), or the final
-    768-d latents (B, 768) (output="latent") to decode or edit by hand with model.optimus.
-
-    callback(step, t, latents) is called after every step; one that also takes **state receives eps_cond,
-    eps_uncond, eps and x0_pred. return_intermediates=True returns (result, [state of each step]).
-    """
-    if model is None or isinstance(model, (str, os.PathLike)):
-        model = resolve_model(model, device or "cpu", dtype or torch.float32)
-    elif not isinstance(model, VersatileDiffusion):
-        resolve_model(model)  # raises the TypeError
-    factor = 2 ** (len(model.vae_config.block_out_channels) - 1)
-    check_inputs(mode, prompt, image, mix_ratio, steps, num_images, height, width, output, eta, factor, fidelity,
-                 focus, weights, focus_levels, masks)
-    load_flow = mode if mode != "multi-context" else ("dual-guided" if prompt is not None else "image-variation")
-    model.prepare(load_flow, vae_encoder=bool(fidelity))
-    data = flow_parts(load_flow)[0]
-
-    # 1. contexts: (kind, tokens (2B or B, M, Cc), ratio) per condition, rows [uncond; cond]
+def denoise(model, data, contexts, x_T, steps, guidance_scale=7.5, eta=0.0, generator=None, callback=None, start_step=0):
+    """DDIM from x_T over the UNet's `data` layers ("image" or "text") and `contexts` ([(kind, tokens, ratio)], rows
+    [uncond; cond] when guidance_scale > 1). Returns x_0 with the shape of x_T."""
     guided = guidance_scale > 1.0
-    contexts, n = contexts_for(model, mode, prompt, negative_prompt, image, negative_image, mix_ratio, num_images,
-                               guided, focus, weights, focus_levels, masks)
-    contexts = [(kind, tokens.to(model.device, model.dtype), ratio) for kind, tokens, ratio in contexts]
-    B = n * num_images
 
-    # 2. latents
-    if data == "image":
-        shape = (B, model.unet_config.image_channels, height // factor, width // factor)
-    else:
-        shape = (B, model.unet_config.text_channels, 1, 1)  # the Optimus latent as a 1 x 1 "image"
-        if latents is not None and latents.dim() == 2:
-            latents = latents[:, :, None, None]
-    x_T, generator = initial_latents(shape, latents, seed, model.device, model.dtype)
-    start_step = 0
-    if fidelity:
-        pictures = to_pixels(as_list(image, "image", Image.Image), height, width).repeat_interleave(num_images, 0)
-        with torch.no_grad(), model.running("vae"):
-            x0 = images_to_latents(model.vae, pictures.to(model.device, model.dtype))
-        x_T, start_step = extensions.noised_start(model.ddim, x0, x_T, steps, fidelity)
+    def denoiser(x, t):  # -> (eps_uncond or None, eps_cond)
+        if guided:  # one batch [x; x] against the contexts' rows [uncond; cond]
+            t_batch = torch.full((2 * x.shape[0],), int(t), device=x.device)
+            eps_uncond, eps_cond = model.unet(torch.cat([x, x]), t_batch, contexts, data).chunk(2)
+            return eps_uncond, eps_cond
+        t_batch = torch.full((x.shape[0],), int(t), device=x.device)
+        return None, model.unet(x, t_batch, contexts, data)
 
-    # 3. denoise
-    def denoiser(x, t, cond):
-        t_batch = torch.full((x.shape[0] * (2 if cond is None else 1),), int(t), device=x.device)
-        if cond is None:  # batched guidance: rows [uncond; cond]
-            return model.unet(torch.cat([x, x]), t_batch, contexts, data).chunk(2)
-        rows = slice(B, 2 * B) if guided else slice(0, B)
-        return model.unet(x, t_batch, [(k, c[rows], r) for k, c, r in contexts], data)
-
-    intermediates = []
-
-    def step_callback(i, t, x, **state):
-        if return_intermediates:
-            intermediates.append(dict(step=i, t=int(t), latents=x, **state))
-        if callback is not None:
-            callback(i, t, x, **state_for(callback, state))
-
-    with torch.no_grad():
-        with model.running("unet"), reusing_freed_memory(model.device):
-            x_0 = model.ddim.sample(denoiser, x_T, steps, guidance_scale, eta, generator, step_callback, start_step)
-        result = decode(model, data, x_0, output, image, colour_adjust, seed, generator,
-                        dict(max_length=max_length, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy))
-    return (result, intermediates) if return_intermediates else result
+    return model.sampler.sample(denoiser, x_T, steps, guidance_scale, eta, generator, callback, start_step)
 
 
-def decode(model, data, x_0, output, image, colour_adjust, seed, generator, text_options):
+def decode(model, data, x_0, output, generator=None):
     """Step 4: latents -> sentences (Optimus) or pixels (VAE), in the requested output form."""
     if data == "text":
         z = x_0.flatten(1)  # (B, 768): VD's text latents are not rescaled
-        if output == "latent":
-            return z
-        if seed is not None:  # a fresh generator: the same seed gives the same sentences with or without latents=
-            generator = torch.Generator("cpu").manual_seed(seed)
-        with model.running("optimus"):
-            return model.optimus.decode(z, generator=generator, **text_options)
+        return z if output == "latent" else model.decode_texts(z, generator)
     if output == "latent":
         return x_0
-    with model.running("vae"):
-        pixels = latents_to_images(model.vae, x_0.to(model.dtype), model.vae_tile_size).float()  # (B, 3, H, W), [0, 1]
-    if colour_adjust:
-        if image is None:
-            raise ValueError("colour_adjust needs an input image to match")
-        reference = to_pixels(as_list(image, "image", Image.Image)[:1], *pixels.shape[-2:])
-        pixels = extensions.colour_adjust(pixels, reference.to(pixels.device))
+    pixels = model.decode_images(x_0)  # (B, 3, H, W) in [0, 1]
+    check_finite(pixels, "the decoded images (is a VAE weight not finite?)")
     array = pixels.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
     if output == "np":
         return array
     return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
 
 
-@torch.no_grad()
-def edit_image(image, model=None, remove=None, add=None, image_ratio=0.33, rank=10, steps=50, guidance_scale=7.5,
-               seed=None, height=512, width=512, output="pil"):
+def to_pixels(images, height, width):
+    """PIL images -> (B, 3, height, width) in [0, 1] (bicubic resize; for fidelity)."""
+    arrays = [np.asarray(im.convert("RGB").resize((width, height), Image.BICUBIC)) for im in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
+
+
+def edit_image(image, model=None, remove=None, add=None, image_ratio=0.33, rank=10, steps=None, guidance_scale=None,
+               seed=None, height=None, width=None, output="pil"):
     """Image -> text -> image editing (paper Fig. 10): caption the image with image-to-text, move the caption's
     Optimus latent away from `remove` and towards `add` (minivd.extensions.edit_text_latent), decode it to a sentence,
     then generate dual-guided from [CLIP(edited sentence); CLIP(add)] and a rank-`rank` image context, image share
     `image_ratio`. Returns (images, edited sentence)."""
     model = resolve_model(model)
+    d = model.config.defaults
+    steps, guidance_scale = (d.steps if steps is None else steps), (d.guidance_scale if guidance_scale is None else guidance_scale)
+    height, width = (d.height if height is None else height), (d.width if width is None else width)
     pictures = as_list(image, "image", Image.Image)[:1]
     if remove is None and add is None:
         raise ValueError("edit_image needs a prompt to remove, to add, or both")
     if guidance_scale <= 1.0:
         raise ValueError(f"edit_image uses classifier-free guidance: guidance_scale must be > 1, got {guidance_scale}")
-    z = generate("image-to-text", model=model, image=pictures, steps=steps, guidance_scale=guidance_scale, seed=seed,
-                 output="latent")
-    model.prepare("text-variation")
-    encode = lambda text: model.optimus.encode([text]) if text is not None else None
-    generator = torch.Generator("cpu").manual_seed(seed) if seed is not None else None
-    with model.running("optimus"):
+    if output not in OUTPUTS["image"]:
+        raise ValueError(f"output must be one of {OUTPUTS['image']}, got {output!r}")
+    with model.lock, torch.no_grad():
+        z = generate("image-to-text", model=model, image=pictures, steps=steps, guidance_scale=guidance_scale,
+                     seed=seed, output="latent")
+        model.prepare("text-variation")  # the Optimus encoder, for the prompts' latents
+        encode = lambda text: model.optimus.encode([text]).to(z) if text is not None else None
         z_edit = extensions.edit_text_latent(z, encode(remove), encode(add))
-        sentence = model.optimus.decode(z_edit, generator=generator)[0]
+        generator = torch.Generator("cpu").manual_seed(seed) if seed is not None else None
+        sentence = model.decode_texts(z_edit, generator)[0]
 
-    model.prepare("dual-guided")
-    texts = [sentence] + ([add] if add is not None else [])
-    text_tokens = torch.cat([encode_text(model, [t]) for t in texts], dim=1)  # (1, 77 * k, Cc)
-    text_uncond = torch.cat([encode_text(model, [""]) for _ in texts], dim=1)
-    image_tokens = extensions.low_rank_tokens(encode_image(model, pictures), rank)  # (1, 256, Cc)
-    image_uncond = encode_image(model, [gray_image()])[:, 1:]  # (1, 256, Cc): the original does not reduce it
-    contexts = extensions.mixed_contexts(torch.cat([image_uncond, image_tokens]), torch.cat([text_uncond, text_tokens]),
-                                         1.0 - image_ratio)
-    factor = 2 ** (len(model.vae_config.block_out_channels) - 1)
-    shape = (1, model.unet_config.image_channels, height // factor, width // factor)
-    x_T, generator = initial_latents(shape, None, seed, model.device, model.dtype)
-
-    def denoiser(x, t, cond):
-        t_batch = torch.full((2,), int(t), device=x.device)
-        return model.unet(torch.cat([x, x]), t_batch, contexts, "image").chunk(2)
-
-    with model.running("unet"):
-        x_0 = model.ddim.sample(denoiser, x_T, steps, guidance_scale, 0.0, generator)
-    return decode(model, "image", x_0, output, None, False, seed, generator, {}), sentence
+        model.prepare("dual-guided")
+        texts = [sentence] + ([add] if add is not None else [])
+        text_tokens = torch.cat([model.encode_text([t]) for t in texts], dim=1)  # (1, 77 * k, Cc)
+        text_uncond = torch.cat([model.encode_text([""]) for _ in texts], dim=1)
+        image_tokens = extensions.low_rank_tokens(model.encode_image(pictures), rank)  # (1, 256, Cc)
+        image_uncond = model.encode_image([model.unconditional_image()])[:, 1:]  # (1, 256, Cc): the original does not reduce it
+        contexts = extensions.mixed_contexts(torch.cat([image_uncond, image_tokens]),
+                                             torch.cat([text_uncond, text_tokens]), 1.0 - image_ratio)
+        shape = (1, model.config.unet.image_channels, height // model.vae_factor, width // model.vae_factor)
+        x_T, generator = initial_latents(shape, None, seed, model.device, model.dtype)
+        x_0 = denoise(model, "image", contexts, x_T, steps, guidance_scale, 0.0, generator)
+        return decode(model, "image", x_0, output), sentence

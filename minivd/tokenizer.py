@@ -15,7 +15,6 @@ The padding token is <|endoftext|> for VD (and the OpenAI CLIP files), so the EO
 
 The vocabulary file layout is CLIP's: the 256 byte characters, the same 256 followed by "</w>", one entry per
 merge (the two halves joined), then <|startoftext|> and <|endoftext|> (49406 and 49407 in the official vocab).
-`write_clip_vocab` trains a small vocabulary in exactly that layout, so a demo model needs no download.
 
 Differences between transformers' tokenizers (we match the fast one, the only one transformers >= 5 ships):
 the old pure-Python ("slow") CLIPTokenizer, when ftfy is not installed, cleaned text with BERT's BasicTokenizer,
@@ -28,7 +27,6 @@ Everything else (case, accents, punctuation, contractions, digits, emoji, whites
 
 import json
 import os
-from collections import Counter
 
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
@@ -53,7 +51,7 @@ def byte_alphabet():
     return [chr(b) for b in printable] + remapped
 
 
-def _pipeline(vocab, merges, special_tokens=(BOS, EOS)):
+def clip_pipeline(vocab, merges, special_tokens=(BOS, EOS)):
     """A `tokenizers.Tokenizer` doing steps 1-4 above (no special tokens added, no truncation, no padding)."""
     backend = Tokenizer(BPE(vocab=vocab, merges=merges, end_of_word_suffix=END_OF_WORD, unk_token=EOS, fuse_unk=False))
     backend.normalizer = normalizers.Sequence(
@@ -102,7 +100,7 @@ class CLIPTokenizer:
         self.vocab = vocab
         self.max_length = max_length
         self.bos_id, self.eos_id, self.pad_id = vocab[BOS], vocab[EOS], vocab[pad_token]
-        self.backend = _pipeline(vocab, merges, special_tokens=(BOS, EOS, pad_token))
+        self.backend = clip_pipeline(vocab, merges, special_tokens=(BOS, EOS, pad_token))
 
     @classmethod
     def from_folder(cls, path):
@@ -149,143 +147,3 @@ class CLIPTokenizer:
             ids = ids.tolist()
         text = self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
         return text.replace(END_OF_WORD, " ").strip()
-
-
-# --- A small vocabulary in the CLIP file format -----------------------------------------------------------------
-
-DEMO_CORPUS = [
-    "a photo of a cat sitting on a wooden table",
-    "a painting of a dog in the style of van gogh",
-    "an astronaut riding a horse on the moon",
-    "a red car parked on a street at night",
-    "a bowl of fruit with apples, oranges and bananas",
-    "a watercolor landscape with mountains and a lake",
-    "a portrait of an old man with a white beard",
-    "a small house in the forest, covered in snow",
-    "two birds flying over the ocean at sunset",
-    "a city skyline with tall buildings and blue sky",
-    "a close-up photo of a flower in the garden",
-    "a child's drawing of a rocket ship",
-    "a bicycle leaning against a brick wall",
-    "the cat's eyes are green and the dog's fur is brown",
-    "it's a sunny day; we're walking to the beach",
-    "they've painted the door yellow, haven't they?",
-    "i'm sure you'll like the new blue chair",
-    "a train crossing a bridge over a river",
-    "a cup of coffee and a book on a desk",
-    "a black and white photograph of a street in paris",
-    "an oil painting of a ship in a storm",
-    "a cartoon of a happy robot holding balloons",
-    "a plate of pasta with tomato sauce and basil",
-    "a field of sunflowers under a cloudy sky",
-    "a glass of water on a kitchen counter",
-    "3 apples, 2 pears and 10 grapes on a plate",
-    "a futuristic city at night with neon lights",
-    "a lion resting in the tall grass of the savanna",
-    "a snowy mountain peak at sunrise, 4k, highly detailed",
-    "a teddy bear wearing a red hat and a scarf",
-    "an abstract painting with circles and squares",
-    "a man and a woman walking in the rain with an umbrella",
-    "a wooden boat on a calm lake in the morning",
-    "a castle on a hill surrounded by green fields",
-    "a plate of sushi on a black table",
-    "a fox in the snow, digital art",
-    "a vase of roses next to a window",
-    "a busy market street with people and colorful stalls",
-    "a photo of a horse running on the beach",
-    "an elephant walking through the jungle",
-    "a steaming bowl of ramen with chopsticks",
-    "a lighthouse on a rocky coast during a thunderstorm",
-    "a knight in shining armor standing in front of a dragon",
-    "a cozy library with leather armchairs and a fireplace",
-]
-
-
-def _train_merges(corpus):
-    """Yield BPE merges learned from `corpus`, splitting words exactly as the tokenizer does.
-
-    Classic BPE: start from byte characters (the last one of each word carries "</w>"), then repeatedly merge the
-    most frequent adjacent pair (ties: the alphabetically smallest pair, so the result is reproducible). Stops when
-    every word is a single symbol.
-    """
-    splitter = _pipeline({BOS: 0, EOS: 1}, [])
-    words = Counter()
-    for text in corpus:
-        normalized = splitter.normalizer.normalize_str(text)
-        for word, _ in splitter.pre_tokenizer.pre_tokenize_str(normalized):
-            words[(*word[:-1], word[-1] + END_OF_WORD)] += 1
-    while True:
-        pairs = Counter()
-        for symbols, count in words.items():
-            for pair in zip(symbols, symbols[1:]):
-                pairs[pair] += count
-        if not pairs:
-            return
-        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
-        yield best
-        merged_words = Counter()
-        for symbols, count in words.items():
-            out, i = [], 0
-            while i < len(symbols):
-                if symbols[i : i + 2] == best:
-                    out.append(best[0] + best[1])
-                    i += 2
-                else:
-                    out.append(symbols[i])
-                    i += 1
-            merged_words[tuple(out)] += count
-        words = merged_words
-
-
-def train_clip_vocab(corpus=None, vocab_size=1000):
-    """Train a small BPE on `corpus` (a list of str; default DEMO_CORPUS) -> (vocab dict, merges list) in the CLIP
-    layout: 256 byte characters, the same with "</w>", one entry per merge, <|startoftext|>, <|endoftext|>.
-
-    The vocabulary has at most `vocab_size` entries (fewer when the corpus runs out of pairs to merge);
-    <|endoftext|> is always the last id.
-    """
-    base = byte_alphabet()
-    base = base + [char + END_OF_WORD for char in base]  # 512 single-byte tokens
-    if vocab_size < len(base) + 2:
-        raise ValueError(f"vocab_size must be at least {len(base) + 2} (512 byte tokens + 2 special), got {vocab_size}")
-    corpus = DEMO_CORPUS if corpus is None else corpus
-    if isinstance(corpus, str) or not all(isinstance(t, str) for t in corpus):
-        raise TypeError(f"corpus must be a list of str, got {type(corpus).__name__}")
-
-    merges, tokens, seen = [], list(base), set(base)
-    for left, right in _train_merges(corpus):
-        if len(tokens) == vocab_size - 2:
-            break
-        merges.append(f"{left} {right}")
-        if left + right not in seen:  # two different merges can build the same string; it gets one entry
-            tokens.append(left + right)
-            seen.add(left + right)
-    tokens += [BOS, EOS]
-    return {token: i for i, token in enumerate(tokens)}, merges
-
-
-def write_clip_vocab(folder, corpus=None, vocab_size=1000, max_length=77):
-    """Train a small BPE (see `train_clip_vocab`) and write it as a CLIP tokenizer folder: vocab.json, merges.txt
-    (with the "#version: 0.2" header), tokenizer_config.json and special_tokens_map.json, loadable by
-    `CLIPTokenizer.from_folder` and by transformers' `CLIPTokenizer.from_pretrained`. Returns the vocabulary size.
-    """
-    vocab, merges = train_clip_vocab(corpus, vocab_size)
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump(vocab, f, ensure_ascii=False)
-    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
-        f.write("\n".join(["#version: 0.2", *merges]) + "\n")
-    special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
-    with open(os.path.join(folder, "special_tokens_map.json"), "w", encoding="utf-8") as f:
-        json.dump(special, f, indent=2)
-    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, "do_lower_case": True, **special}
-    with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2)
-    return len(vocab)
-
-
-def demo_tokenizer(max_length=77):
-    """The tokenizer of the no-download demo model: a 1000-entry vocabulary trained on DEMO_CORPUS, in memory
-    (the vocabulary of `CLIPTextConfig.tiny()`)."""
-    vocab, merges = train_clip_vocab()
-    return CLIPTokenizer(vocab, merges, max_length=max_length)

@@ -13,15 +13,9 @@ The diffusion model works on *scaled* latents z * scaling_factor (0.18215), whic
 
 Each level of the encoder halves H and W (except the last), each level of the decoder doubles them, so
 4 levels give the factor 8. Both have a middle block: ResBlock, single-head self-attention over the pixels, ResBlock.
-Parameter names follow the diffusers AutoencoderKL checkpoint.
-
-Lean and fast paths (none change float32 results):
-    AutoencoderKL(cfg, encoder=False)   decoder only, for flows that never encode an image (text-to-image, ...)
-    decode(z, tile_size=512)            decode in overlapping tiles blended together: bounded memory for large
-                                        images, APPROXIMATE (each tile normalises and attends on its own)
-    float16 weights                     encode/decode run in float16; a result with inf/NaN (the VAE's activations
-                                        can exceed float16's range) is computed again in float32
-                                        (`AutoencoderKL.half_guarded`). bfloat16 has float32's range.
+Parameter names follow the diffusers AutoencoderKL checkpoint. `AutoencoderKL(cfg, encoder=False)` builds the decoder
+only, for flows that never encode an image (text-to-image, ...). Tiled decoding and the float16 overflow guard are in
+minivd/speed.py.
 """
 
 from dataclasses import dataclass, field
@@ -218,31 +212,8 @@ class AutoencoderKL(nn.Module):
         if x.ndim != 4 or x.shape[1] != channels:
             raise ValueError(f"{what} must be (B, {channels}, H, W), got shape {tuple(x.shape)}")
 
-    def half_guarded(self, run, x, modules):
-        """run(x) in the dtype of the `modules`' weights, returned in the dtype of x; for float16 weights (and
-        cfg.force_upcast), once more in float32 if that result holds inf or NaN.
-
-        The VAE's activations can exceed float16's range (65504) at large images (diffusers' `force_upcast` guards
-        against the same). Checking the result instead of always upcasting keeps the usual case at float16's
-        memory; only an overflowing call pays for float32 weights (a lossless cast, undone after) and activations.
-        bfloat16 has float32's range and never needs it.
-        """
-        modules = [m for m in modules if m is not None]
-        dtype = next(modules[0].parameters()).dtype
-        out = run(x.to(dtype))
-        if not (self.cfg.force_upcast and dtype == torch.float16) or torch.isfinite(out).all():
-            return out.to(x.dtype)
-        del out  # overflowed: free it before the float32 run
-        for m in modules:
-            m.float()
-        try:
-            return run(x.float()).to(x.dtype)
-        finally:
-            for m in modules:
-                m.half()
-
     def encode(self, x):
-        """x: (B, 3, H, W) images in [-1, 1] -> (mean, logvar), each (B, L, H/8, W/8), in the dtype of x.
+        """x: (B, 3, H, W) images in [-1, 1] -> (mean, logvar), each (B, L, H/8, W/8).
 
         The latent is Gaussian with these moments; VD uses `mean` (no sampling). These latents are UNSCALED:
         the caller multiplies by `cfg.scaling_factor` before diffusion (see `images_to_latents`).
@@ -251,83 +222,26 @@ class AutoencoderKL(nn.Module):
         if self.encoder is None:
             raise ValueError("this VAE was built without its encoder (AutoencoderKL(cfg, encoder=False))")
         self._check_shape(x, self.cfg.in_channels, "images")
-
-        def moments_of(x):
-            moments = self.encoder(x)
-            return moments if self.quant_conv is None else self.quant_conv(moments)
-
-        moments = self.half_guarded(moments_of, x, [self.encoder, self.quant_conv])
+        moments = self.encoder(x)
+        if self.quant_conv is not None:
+            moments = self.quant_conv(moments)
         mean, logvar = moments.chunk(2, dim=1)  # (B, 2L, h, w) -> 2 x (B, L, h, w)
         return mean, logvar.clamp(-30.0, 20.0)
 
-    def decode(self, z, tile_size=None, tile_overlap=0.25):
+    def decode(self, z):
         """z: (B, L, h, w) UNSCALED latents (divide diffusion latents by `cfg.scaling_factor` first)
-        -> (B, 3, 8h, 8w) images, roughly in [-1, 1], in the dtype of z.
-
-        tile_size (pixels, a multiple of 8): decode overlapping tiles of at most tile_size x tile_size pixels and
-        blend them (see `decode_tiled`); an image that fits in one tile is decoded whole, exactly as without.
-        """
+        -> (B, 3, 8h, 8w) images, roughly in [-1, 1]."""
         if self.decoder is None:
             raise ValueError("this VAE was built without its decoder (AutoencoderKL(cfg, decoder=False))")
         self._check_shape(z, self.cfg.latent_channels, "latents")
-        if tile_size is not None and (isinstance(tile_size, bool) or not isinstance(tile_size, int)
-                                      or tile_size < self.downscale or tile_size % self.downscale):
-            raise ValueError(f"tile_size must be a positive multiple of {self.downscale} pixels, got {tile_size!r}")
-        if not 0 <= tile_overlap < 1:
-            raise ValueError(f"tile_overlap must be in [0, 1), got {tile_overlap}")
-        tile = None if tile_size is None else tile_size // self.downscale  # in latent pixels
-        if tile is None or (z.shape[2] <= tile and z.shape[3] <= tile):
-            run = self._decode
-        else:
-            run = lambda z: self.decode_tiled(z, tile, tile_overlap)
-        return self.half_guarded(run, z, [self.post_quant_conv, self.decoder])
-
-    def _decode(self, z):
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z)
 
-    def decode_tiled(self, z, tile, overlap):
-        """Decode (B, L, h, w) latents as tiles of tile x tile latent pixels that overlap by `overlap` of a tile.
 
-        Each tile's pixels get a weight that ramps up linearly over the overlap from its edges; the image is the
-        weighted mean of the tiles covering each pixel. Like diffusers' tiled decode this is an approximation:
-        GroupNorm statistics and the mid-block attention see one tile, not the whole image, so colours can shift
-        slightly between tiles. Peak memory is that of one tile.
-        """
-        f, (B, _, h, w) = self.downscale, z.shape
-        stride = max(1, round(tile * (1 - overlap)))
-        ramp = max(1, (tile - stride) * f)  # pixels over which a tile fades in
-
-        def starts(size):  # tile origins covering 0..size, the last one flush with the end
-            if size <= tile:
-                return [0]
-            origins = list(range(0, size - tile, stride))
-            return origins + [size - tile]
-
-        def fade(n):  # (n,) weights in (0, 1]: small at both ends, 1 in the middle
-            i = torch.arange(n, dtype=torch.float32, device=z.device)
-            return torch.minimum((i + 1) / (ramp + 1), (n - i) / (ramp + 1)).clamp(max=1.0)
-
-        images = weights = None
-        for y in starts(h):
-            for x in starts(w):
-                part = self._decode(z[:, :, y : y + tile, x : x + tile]).float()  # (B, 3, th*f, tw*f)
-                if images is None:
-                    images = torch.zeros(B, part.shape[1], h * f, w * f, device=z.device)
-                    weights = torch.zeros(1, 1, h * f, w * f, device=z.device)
-                wy, wx = fade(part.shape[2]), fade(part.shape[3])
-                weight = wy[:, None] * wx[None, :]  # (th*f, tw*f)
-                rows, cols = slice(y * f, y * f + part.shape[2]), slice(x * f, x * f + part.shape[3])
-                images[:, :, rows, cols] += part * weight
-                weights[:, :, rows, cols] += weight
-        return (images / weights).to(z.dtype)
-
-
-def latents_to_images(vae, latents, tile_size=None):
-    """Diffusion latents (B, L, h, w), scaled by scaling_factor -> images (B, 3, 8h, 8w) in [0, 1].
-    tile_size: see `AutoencoderKL.decode` (approximate, for large images)."""
-    images = vae.decode(latents / vae.cfg.scaling_factor, tile_size=tile_size)
+def latents_to_images(vae, latents):
+    """Diffusion latents (B, L, h, w), scaled by scaling_factor -> images (B, 3, 8h, 8w) in [0, 1]."""
+    images = vae.decode(latents / vae.cfg.scaling_factor)
     return (images / 2 + 0.5).clamp(0, 1)
 
 

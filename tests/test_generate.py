@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 import minivd
+from minivd.tools.random_checkpoint import random_model
 from tiny_vd import reference_pipeline
 
 IMAGE_ATOL = 1e-4  # fp32, [0, 1] images after 4 DDIM steps with guidance 7.5 (measured differences are ~1e-6)
@@ -95,12 +96,12 @@ def test_outputs_and_determinism(tiny_vd):
 def test_callback_sees_every_step(tiny_vd):
     seen = []
     minivd.generate("text-to-image", model=minivd.load(tiny_vd), prompt="x", steps=3, height=H, width=W, seed=0,
-                    output="latent", callback=lambda step, t, x: seen.append((step, int(t), tuple(x.shape))))
+                    output="latent", callback=lambda step, t, x, **state: seen.append((step, int(t), tuple(x.shape))))
     assert [s for s, _, _ in seen] == [0, 1, 2] and [t for _, t, _ in seen] == [667, 334, 1]
 
 
 def test_demo_model_runs_every_image_flow():
-    model = minivd.demo_model()
+    model = random_model()
     for mode, kwargs in [("text-to-image", dict(prompt="a fox")), ("image-variation", dict(image=picture(2))),
                          ("dual-guided", dict(prompt="a fox", image=picture(3)))]:
         out = minivd.generate(mode, model=model, steps=2, height=64, width=64, seed=0, output="np", **kwargs)
@@ -122,7 +123,7 @@ def test_demo_model_runs_every_image_flow():
     (dict(mode="text-to-image", prompt="x", model=3.5), TypeError, "model must be"),
 ])
 def test_bad_input_gets_a_clear_error(kwargs, error, match):
-    kwargs = {"model": minivd.demo_model(), "steps": 1, "height": 64, "width": 64, **kwargs}
+    kwargs = {"model": random_model(), "steps": 1, "height": 64, "width": 64, **kwargs}
     mode = kwargs.pop("mode")
     with pytest.raises(error, match=match):
         minivd.generate(mode, **kwargs)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import minivd
-from minivd.hooks import capture_attention, preview, word_attention
+from minivd.hooks import StepRecorder, capture_attention, preview, word_attention
 
 H = W = 64
 RUN = dict(prompt="a red fox in the snow", steps=3, height=H, width=W, output="np")
@@ -22,12 +22,11 @@ def latents(seed=0):
 
 def test_hooks_leave_the_output_bit_identical(model):
     plain = minivd.generate("text-to-image", model=model, latents=latents(), **RUN)
-    seen = []
+    steps = StepRecorder()
     with capture_attention(model, self_attention=True) as maps:
-        hooked, steps = minivd.generate("text-to-image", model=model, latents=latents(), return_intermediates=True,
-                                        callback=lambda i, t, x, **state: seen.append(i), **RUN)
+        hooked = minivd.generate("text-to-image", model=model, latents=latents(), callback=steps, **RUN)
     assert np.array_equal(plain, hooked)
-    assert seen == [0, 1, 2] and len(steps) == 3 and maps.layers()
+    assert [s["step"] for s in steps] == [0, 1, 2] and maps.layers()
     after = minivd.generate("text-to-image", model=model, latents=latents(), **RUN)
     assert np.array_equal(plain, after)  # the context manager detached every hook
 
@@ -49,9 +48,10 @@ def test_captured_probabilities_sum_to_one_over_the_context(model):
 @torch.no_grad()
 def test_callback_state_is_what_the_sampler_used(model):
     x_T, g = latents(2), 7.5
-    _, steps = minivd.generate("text-to-image", model=model, latents=x_T, return_intermediates=True, **RUN)
-    ddim, x_t = model.ddim, x_T
-    prompt_ctx = minivd.pipeline.encode_text(model, [RUN["prompt"]])
+    steps = StepRecorder()
+    minivd.generate("text-to-image", model=model, latents=x_T, callback=steps, **RUN)
+    ddim, x_t = model.sampler, x_T
+    prompt_ctx = model.encode_text([RUN["prompt"]])
     for state in steps:
         t = state["t"]
         a_t = ddim.alphas_cumprod[t]
@@ -74,15 +74,16 @@ def test_maps_keep_the_grid_of_non_square_images(model):
     assert maps.token_heatmaps().shape == (77, 12, 8)
 
 
-def test_callback_gets_the_state_it_names(model):
+def test_callback_gets_every_state_keyword(model):
     seen = []
-    minivd.generate("text-to-image", model=model, seed=0, callback=lambda i, t, x, x0_pred=None, tag=1:
-                    seen.append((tag, x0_pred.shape)), **RUN)
-    assert seen and all(tag == 1 and shape == (1, 4, H // 8, W // 8) for tag, shape in seen)
+    minivd.generate("text-to-image", model=model, seed=0, callback=lambda i, t, x, **state: seen.append(state), **RUN)
+    assert len(seen) == 3 and all(set(s) == {"eps_cond", "eps_uncond", "eps", "x0_pred"} for s in seen)
+    assert all(s["x0_pred"].shape == (1, 4, H // 8, W // 8) for s in seen)
 
 
 def test_preview_decodes_the_predicted_x0(model):
-    _, steps = minivd.generate("text-to-image", model=model, latents=latents(3), return_intermediates=True, **RUN)
+    steps = StepRecorder()
+    minivd.generate("text-to-image", model=model, latents=latents(3), callback=steps, **RUN)
     images = preview(model, steps[0]["x0_pred"])
     assert len(images) == 1 and images[0].size == (W, H)
 

@@ -17,7 +17,8 @@ from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegac
 
 import weights_loader
 from tiny_vd import bert_and_gpt2
-from minivd.optimus import GPT2_ADDED_TOKENS, Optimus, OptimusConfig, load_tokenizers, write_tiny_vocabs
+from minivd.optimus import GPT2_ADDED_TOKENS, Optimus, OptimusConfig, load_tokenizers
+from minivd.tools.vocab import write_tiny_vocabs
 
 ATOL = 1e-5  # fp32 hidden states / logits
 RULES = weights_loader.OPTIMUS_RULES  # optimus-vae.pth key -> minivd name; None drops the key

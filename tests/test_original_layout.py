@@ -17,7 +17,7 @@ import torch
 
 import minivd
 import weights_loader
-from minivd.model import VersatileDiffusion, detect_layout
+from minivd.checkpoint import Checkpoint, detect_layout
 from minivd.unet import FLOWS
 from tiny_vd import build_tiny_original, clip_model_config, original_unet_key, original_vae_state
 
@@ -50,11 +50,11 @@ def run_cli(*args):
 
 def test_layouts_are_detected(tiny_vd, tiny_original):
     assert detect_layout(tiny_vd) == "diffusers" and detect_layout(tiny_original) == "original"
-    model = minivd.load(tiny_original)
-    assert model.layout == "original"
-    assert model.components() == ["unet", "vae", "text_encoder", "image_encoder", "optimus"]
-    assert model.weights_path("text_encoder") == model.weights_path("image_encoder")  # one CLIPModel file
-    assert model.weights_path("text_encoder").endswith("model.safetensors")  # safetensors before pytorch_model.bin
+    checkpoint = minivd.load(tiny_original).checkpoint
+    assert checkpoint.layout == "original"
+    assert checkpoint.components() == ["unet", "vae", "text_encoder", "image_encoder", "optimus"]
+    assert checkpoint.weights_path("text_encoder") == checkpoint.weights_path("image_encoder")  # one CLIPModel file
+    assert checkpoint.weights_path("text_encoder").endswith("model.safetensors")  # safetensors before pytorch_model.bin
 
 
 @pytest.mark.parametrize("flow", list(FLOWS))
@@ -63,9 +63,9 @@ def test_every_flow_loads_exactly_the_diffusers_parameters(tiny_vd, tiny_origina
     b = minivd.load(tiny_original).prepare(flow)
     assert_same_parameters(a, b)
     assert set(b.unet.data) == {FLOWS[flow][0]} and set(b.unet.context) == set(FLOWS[flow][1])
-    assert b.unet_config == a.unet_config and b.vae_config == a.vae_config
-    assert b.text_config == a.text_config and b.vision_config == a.vision_config
-    assert b.image_preprocess == a.image_preprocess and b.ddim.config == a.ddim.config
+    assert b.config.unet == a.config.unet and b.config.vae == a.config.vae
+    assert b.config.text == a.config.text and b.config.vision == a.config.vision
+    assert b.config.image_preprocess == a.config.image_preprocess and b.sampler.config == a.sampler.config
 
 
 def test_generate_is_identical_from_either_layout(tiny_vd, tiny_original):
@@ -74,8 +74,9 @@ def test_generate_is_identical_from_either_layout(tiny_vd, tiny_original):
     images_a = minivd.generate("text-to-image", model=a, **kwargs)
     images_b = minivd.generate("text-to-image", model=b, **kwargs)
     assert images_a.shape == (1, 64, 64, 3) and np.array_equal(images_a, images_b)
-    kwargs = dict(prompt="a cat on a couch", steps=3, seed=1, greedy=True, max_length=12)
-    assert minivd.generate("text-variation", model=a, **kwargs) == minivd.generate("text-variation", model=b, **kwargs)
+    kwargs = dict(prompt="a cat on a couch", steps=3, seed=1, output="latent")
+    z_a, z_b = (minivd.generate("text-variation", model=m, **kwargs) for m in (a, b))
+    assert a.optimus.decode(z_a, greedy=True, max_length=12) == b.optimus.decode(z_b, greedy=True, max_length=12)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -110,7 +111,7 @@ def test_full_size_original_keys_fill_every_parameter():
     from transformers import CLIPModel
 
     from minivd.clip import CLIPTextConfig, CLIPTextEncoder, CLIPVisionConfig, CLIPVisionEncoder
-    from minivd.model import clip_tower_config
+    from minivd.checkpoint import clip_tower_config
     from minivd.unet import DualContextUNet, UNetConfig
     from minivd.vae import AutoencoderKL, VAEConfig
 
@@ -183,8 +184,8 @@ def test_check_and_convert_the_original_layout(tiny_original, tmp_path):
     assert sorted(p.name for p in (out / "clip-vit-large-patch14").glob("*.safetensors")) == ["model.safetensors"]
     assert run_cli("check", str(out)).returncode == 0
     converted = minivd.load(str(out))
-    assert converted.weights_path("unet").endswith("vd-four-flow-v1-0.safetensors")
-    assert converted.weights_path("optimus").endswith("optimus-vae.safetensors")
+    assert converted.checkpoint.weights_path("unet").endswith("vd-four-flow-v1-0.safetensors")
+    assert converted.checkpoint.weights_path("optimus").endswith("optimus-vae.safetensors")
     for flow in ("dual-guided", "image-to-text", "text-variation"):
         converted.prepare(flow)
     original = minivd.load(tiny_original, flows=("dual-guided", "image-to-text", "text-variation"))
@@ -196,11 +197,10 @@ def test_fp16_file_and_file_precedence(tiny_original, tmp_path):
     fp32 = folder / "pretrained_pth" / "vd-four-flow-v1-0.pth"
     sd = torch.load(fp32, weights_only=True)
     torch.save({k: v.half() for k, v in sd.items()}, folder / "vd-four-flow-v1-0-fp16.pth")  # not in pretrained_pth/
-    model = VersatileDiffusion.from_folder(folder)
-    assert model.weights_path("unet") == str(fp32)  # fp32 first, wherever it is
+    assert Checkpoint(folder).weights_path("unet") == str(fp32)  # fp32 first, wherever it is
     os.remove(fp32)
     model = minivd.load(str(folder), flows=("text-variation",))
-    assert detect_layout(str(folder)) == "original" and model.weights_path("unet").endswith("vd-four-flow-v1-0-fp16.pth")
+    assert detect_layout(str(folder)) == "original" and model.checkpoint.weights_path("unet").endswith("vd-four-flow-v1-0-fp16.pth")
     reference = minivd.load(tiny_original, flows=("text-variation",))
     for (name, p), (_, q) in zip(model.unet.named_parameters(), reference.unet.named_parameters()):
         assert p.dtype == torch.float32 and torch.equal(p, q.half().float()), name
@@ -231,7 +231,7 @@ def test_old_clip_config_json(tiny_original, tmp_path):
         sub["hidden_size"], sub["num_hidden_layers"] = 512, 12  # transformers' defaults, overridden by the _dict
     path.write_text(json.dumps(config))
     old, new = minivd.load(str(folder)), minivd.load(tiny_original)
-    assert old.text_config == new.text_config and old.vision_config == new.vision_config
+    assert old.config.text == new.config.text and old.config.vision == new.config.vision
 
 
 def test_original_layout_errors(tiny_original, tmp_path):
@@ -269,5 +269,5 @@ def test_check_names_original_keys_and_only_accepts_singleton_trailing_dims(tiny
     result = run_cli("check", str(broken))
     assert result.returncode == 1
     assert "mis-shaped tensor 'encoder.mid.attn_1.q.weight'" in result.stdout
-    n = len(minivd.load(tiny_original).vae_config.block_out_channels)
+    n = len(minivd.load(tiny_original).config.vae.block_out_channels)
     assert f"missing tensor for minivd 'decoder.up_blocks.{n - 1}.resnets.1.conv2.bias'" in result.stdout

@@ -15,7 +15,9 @@ import torch
 
 import minivd
 import weights_loader
-from minivd.attention import Attention, set_attention_slicing
+from minivd.attention import Attention, attend
+from minivd.speed import LowMemory, decode_tiled, float16_guarded, set_attention_slicing
+from minivd.tools.random_checkpoint import random_model
 from minivd.vae import AutoencoderKL, VAEConfig
 from tiny_vd import reference_pipeline
 
@@ -69,12 +71,12 @@ def test_sliced_attention_equals_explicit_softmax():
 
 
 def test_set_attention_slicing_reaches_every_attention_and_checks_its_argument():
-    model = minivd.demo_model()
+    model = random_model()
     count = set_attention_slicing(model.unet, 64)
     layers = [m for m in model.unet.modules() if isinstance(m, Attention)]
-    assert count == len(layers) > 0 and all(m.slice_size == 64 for m in layers)
+    assert count == len(layers) > 0 and all(m.attend.keywords == {"slice_size": 64} for m in layers)
     set_attention_slicing(model.unet, None)
-    assert all(m.slice_size is None for m in layers)
+    assert all(m.attend is attend for m in layers)
     for bad in (0, -3, 2.5, "8", True):
         with pytest.raises(ValueError, match="slice_size"):
             set_attention_slicing(model.unet, bad)
@@ -134,7 +136,7 @@ def test_decoder_only_vae_loads_from_the_full_file_and_equals_diffusers(tiny_vd)
 
     model = minivd.load(tiny_vd)
     with torch.device("meta"):
-        vae = AutoencoderKL(model.vae_config, encoder=False)
+        vae = AutoencoderKL(model.config.vae, encoder=False)
     file = weights_loader.TensorFile(weights_loader.find_weights(os.path.join(tiny_vd, "vae")))
     weights_loader.load_into(vae, [(file, weights_loader.rules_for("vae"))], prefixes=vae.weight_prefixes())
     reference = ReferenceVAE.from_pretrained(os.path.join(tiny_vd, "vae")).eval()
@@ -148,15 +150,15 @@ def test_tiled_decode_with_one_tile_equals_untiled():
     z = torch.randn(1, 4, 12, 10)  # 24 x 20 pixels
     with torch.no_grad():
         whole = vae.decode(z)
-        assert torch.equal(vae.decode(z, tile_size=24), whole)
-        assert torch.equal(vae.decode(z, tile_size=64), whole)
+        assert torch.equal(decode_tiled(vae, z, 12), whole)  # tiles in latent pixels: 12 x 12 covers 12 x 10
+        assert torch.equal(decode_tiled(vae, z, 32), whole)
 
 
 def test_tiled_decode_places_and_blends_tiles():
     vae = tiny_vae()  # factor 2: latent pixel = 2 x 2 image pixels
     z = torch.randn(2, 4, 16, 14)
     with torch.no_grad():
-        tiled = vae.decode(z, tile_size=16, tile_overlap=0.25)  # 8 x 8 latent tiles, stride 6
+        tiled = decode_tiled(vae, z, 8, 0.25)  # 8 x 8 latent tiles, stride 6
         first = vae.decode(z[:, :, :8, :8])  # the top-left tile alone
         last = vae.decode(z[:, :, -8:, -8:])  # the bottom-right tile alone (flush with the end)
         whole = vae.decode(z)
@@ -173,10 +175,25 @@ def test_tiled_decode_places_and_blends_tiles():
     assert ((seam >= lo - SLICE_ATOL) & (seam <= hi + SLICE_ATOL)).all()
 
 
-@pytest.mark.parametrize("tile_size, overlap", [(0, 0.25), (15, 0.25), (2.5, 0.25), (16, 1.0), (16, -0.1)])
-def test_tiled_decode_rejects_bad_arguments(tile_size, overlap):
-    with pytest.raises(ValueError, match="tile_size|tile_overlap"):
-        tiny_vae().decode(torch.randn(1, 4, 8, 8), tile_size=tile_size, tile_overlap=overlap)
+@pytest.mark.parametrize("tile_size", [0, 15, 2.5, True])
+def test_low_memory_rejects_bad_tile_sizes(tile_size):
+    with pytest.raises(ValueError, match="vae_tile_size"):
+        LowMemory(vae_tile_size=tile_size)
+
+
+@pytest.mark.parametrize("overlap", [1.0, -0.1])
+def test_tiled_decode_rejects_bad_overlaps(overlap):
+    with pytest.raises(ValueError, match="tile_overlap"):
+        decode_tiled(tiny_vae(), torch.randn(1, 4, 8, 8), 4, overlap)
+
+
+def guarded_decode(vae, z):
+    """What VersatileDiffusion.decode_images runs for float16 weights (minivd.speed.float16_guarded)."""
+    return float16_guarded(vae.decode, z, [vae.post_quant_conv, vae.decoder], vae.cfg.force_upcast)
+
+
+def guarded_encode(vae, x):
+    return float16_guarded(lambda x: vae.encode(x)[0], x, [vae.encoder, vae.quant_conv], vae.cfg.force_upcast)
 
 
 def overflowing_vae():
@@ -199,13 +216,11 @@ def test_float16_vae_decodes_again_in_float32_when_float16_overflows():
     with torch.no_grad():
         assert not torch.isfinite(naive.decode(z)).all()  # the failure the guard exists for
         expected = reference.decode(z.float())
-        got = vae16.decode(z)
+        got = guarded_decode(vae16, z)
     assert torch.isfinite(expected).all() and expected.abs().max() > 0.1
     assert got.dtype == torch.float16 and torch.isfinite(got).all()
     assert (got.float() - expected).abs().max() < HALF_TOL * max(1.0, expected.abs().max().item())
     assert all(p.dtype == torch.float16 for p in vae16.parameters())  # weights restored after the call
-    with torch.no_grad():
-        assert torch.equal(vae16.decode(z, tile_size=64), got)  # one tile: the same guarded path
 
 
 def test_float16_vae_stays_in_float16_when_nothing_overflows():
@@ -217,12 +232,12 @@ def test_float16_vae_stays_in_float16_when_nothing_overflows():
     calls = []
     hook = vae16.decoder.conv_in.register_forward_pre_hook(lambda m, args: calls.append(args[0].dtype))
     with torch.no_grad():
-        images = vae16.decode(z)
+        images = guarded_decode(vae16, z)
         assert torch.equal(images, naive.decode(z))  # the float16 computation itself, not a float32 one cast down
-        mean, logvar = vae16.encode(x)
+        mean = guarded_encode(vae16, x)
         assert torch.equal(mean, naive.encode(x)[0])
     hook.remove()
-    assert calls == [torch.float16] and images.dtype == mean.dtype == logvar.dtype == torch.float16
+    assert calls == [torch.float16] and images.dtype == mean.dtype == torch.float16
     reference = copy.deepcopy(vae16).float()
     with torch.no_grad():
         mean_ref, _ = reference.encode(x.float())
@@ -242,16 +257,16 @@ def test_float16_guard_covers_encode_and_leaves_bfloat16_alone():
     x = (torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1).half()
     with torch.no_grad():
         assert not torch.isfinite(naive.encode(x)[0]).all()
-        mean, logvar = vae16.encode(x)
+        mean = guarded_encode(vae16, x)
         mean_ref, _ = reference.encode(x.float())
-    assert mean.dtype == logvar.dtype == torch.float16 and torch.isfinite(mean).all()
+    assert mean.dtype == torch.float16 and torch.isfinite(mean).all()
     assert (mean.float() - mean_ref).abs().max() < HALF_TOL * max(1.0, mean_ref.abs().max().item())
     assert all(p.dtype == torch.float16 for p in vae16.parameters())
     vae_bf16 = tiny_vae(seed=4).to(torch.bfloat16)
     dtypes = []
     vae_bf16.decoder.conv_in.register_forward_pre_hook(lambda m, args: dtypes.append(args[0].dtype))
     with torch.no_grad():
-        assert vae_bf16.decode(torch.randn(1, 4, 4, 4, dtype=torch.bfloat16)).dtype == torch.bfloat16
+        assert guarded_decode(vae_bf16, torch.randn(1, 4, 4, 4, dtype=torch.bfloat16)).dtype == torch.bfloat16
     assert dtypes == [torch.bfloat16]
 
 
@@ -261,7 +276,7 @@ def test_float16_guard_covers_encode_and_leaves_bfloat16_alone():
 
 def run_bench(*args, timeout=300):
     env = dict(os.environ, PYTHONPATH=REPO)
-    return subprocess.run([sys.executable, "-m", "minivd.bench", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "minivd.tools.bench", *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=REPO)
 
 
@@ -315,7 +330,7 @@ def test_bench_reports_both_implementations(bench_run):
 def test_live_bytes_counts_new_storages_until_they_are_freed():
     """The benchmark's tensor peak on a sequence whose answer is known: views share a storage, tensors made before
     the mode (and their views and in-place results) are not counted, and a freed tensor stops counting."""
-    from minivd.bench import LiveBytes
+    from minivd.tools.memory import LiveBytes
 
     mib = 2**18  # float32 elements in 1 MiB
     x = torch.ones(mib)
@@ -350,7 +365,7 @@ def test_bench_reports_failures_as_cells(bench_run):
 def test_full_size_configs_have_the_sizes_of_versatile_diffusion():
     """The full-size benchmark checkpoint is VD's size (VD_REFERENCE: image UNet 0.86 B, text UNet 1.71 B,
     CLIP ViT-L/14), checked on the meta device (no memory) without writing it."""
-    from minivd.random_checkpoint import FULL, reference_modules
+    from minivd.tools.random_checkpoint import FULL, reference_modules
 
     modules = reference_modules(FULL, vocab_size=1000)
     millions = {name: sum(p.numel() for p in m.parameters()) / 1e6 for name, m in modules.items()}

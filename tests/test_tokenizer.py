@@ -11,7 +11,8 @@ transformers = pytest.importorskip("transformers")
 from transformers.convert_slow_tokenizer import bytes_to_unicode  # noqa: E402
 
 from minivd.clip import CLIPTextConfig  # noqa: E402
-from minivd.tokenizer import BOS, EOS, CLIPTokenizer, demo_tokenizer, train_clip_vocab, write_clip_vocab  # noqa: E402
+from minivd.tokenizer import BOS, EOS, CLIPTokenizer  # noqa: E402
+from minivd.tools.vocab import demo_tokenizer, train_clip_vocab, write_clip_vocab  # noqa: E402
 
 PROMPTS = [
     "a photo of a cat",

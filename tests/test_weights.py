@@ -229,10 +229,10 @@ def test_a_safetensors_dtype_minivd_does_not_read_is_named(tmp_path):
 
 
 MAPPED_PAGES = """
-import sys, torch, weights_loader
+import sys, torch, minivd.speed
 def rss_file():
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("RssFile")) / 1024
-tf = weights_loader.TensorFile(sys.argv[1])
+tf = minivd.speed.LeanTensorFile(sys.argv[1])
 torch.ones(8).bfloat16().float().sum()  # load the code pages this uses before measuring
 before = rss_file()
 kept = [tf.get(k, dtype=None if sys.argv[2] == "stored" else torch.bfloat16) for k in tf.keys()]

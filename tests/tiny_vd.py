@@ -24,8 +24,8 @@ def build_tiny_vd(folder, fmt="safetensors", legacy_vae=False, seed=0, optimus=T
     from diffusers.pipelines.deprecated.versatile_diffusion.modeling_text_unet import UNetFlatConditionModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from minivd.random_checkpoint import write_pipeline_files
-    from minivd.tokenizer import write_clip_vocab
+    from minivd.tools.random_checkpoint import write_pipeline_files
+    from minivd.tools.vocab import write_clip_vocab
 
     folder = os.fspath(folder)
     safe = fmt == "safetensors"
@@ -120,7 +120,7 @@ def tiny_optimus_references(latent_dim=32, seed=0):
 
 
 def write_tiny_optimus(folder, latent_dim=32, seed=0):
-    from minivd.optimus import write_tiny_vocabs
+    from minivd.tools.vocab import write_tiny_vocabs
 
     os.makedirs(folder, exist_ok=True)
     write_tiny_vocabs(folder)

@@ -1,19 +1,19 @@
 """Benchmark minivd against diffusers' Versatile Diffusion pipelines: load time, seconds per step, peak memory.
 
-    python -m minivd.bench                                        # full-size random weights, CPU, float32, 256 and 512 px
-    python -m minivd.bench --device cuda --dtype float16 --sizes 512 --steps 4 --out results.md
-    python -m minivd.bench --folder path/to/versatile-diffusion   # the real weights: nothing is built
-    python -m minivd.bench --tiny --sizes 64 --steps 1 --flows text-to-image   # seconds; what the tests run
+    python -m minivd.tools.bench                                        # full-size random weights, CPU, float32, 256 and 512 px
+    python -m minivd.tools.bench --device cuda --dtype float16 --sizes 512 --steps 4 --out results.md
+    python -m minivd.tools.bench --folder path/to/versatile-diffusion   # the real weights: nothing is built
+    python -m minivd.tools.bench --tiny --sizes 64 --steps 1 --flows text-to-image   # seconds; what the tests run
 
 Unless --folder holds a checkpoint already, a checkpoint with RANDOM weights (std 0.02) is written there first, in the
 official diffusers layout and at VD's full size, plus a random Optimus for the text flows (about 13 GB in float32, 6.5
-GB in float16; see minivd/random_checkpoint.py): timings and memory are real, the images are noise. Every measurement
+GB in float16; see minivd/tools/random_checkpoint.py): timings and memory are real, the images are noise. Every measurement
 (one implementation, one flow, one size) runs in a fresh Python process, so its peak memory is its own, under a timeout;
 a failed one shows as "error [n]" in the table, with its message below. On a busy machine, --repeat N reports the
 fastest of N runs.
 
 diffusers and transformers are needed to build the checkpoint and for the reference column. They are imported here and
-in minivd/random_checkpoint.py only, inside the functions that use them; the rest of minivd never imports them.
+in minivd/tools/random_checkpoint.py only, inside the functions that use them; the rest of minivd never imports them.
 """
 
 import argparse
@@ -25,15 +25,13 @@ import resource
 import subprocess
 import sys
 import time
-import weakref
 
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
-from minivd.random_checkpoint import MARKER, build_checkpoint, reference_libraries
+from minivd.tools.memory import LiveBytes
+from minivd.tools.random_checkpoint import MARKER, build_checkpoint, reference_libraries
 
 IMAGE_FLOWS = ("text-to-image", "image-variation", "dual-guided")
 TEXT_FLOWS = ("image-to-text", "text-variation")  # minivd only: diffusers has no pipeline for them
@@ -55,15 +53,23 @@ def inputs(flow):
             "image-to-text": dict(image=picture)}.get(flow, {})
 
 
-def load_minivd(folder, flow, device, dtype):
+def load_minivd(folder, flow, device, dtype, reuse_heap=False):
+    """minivd for `flow`; reuse_heap: run generate inside minivd.speed.reuse_freed_memory (opt-in, glibc CPUs)."""
+    import contextlib
+
     import minivd
 
     model = minivd.load(folder, device=device, dtype=dtype)
     model.prepare(flow)  # what generate would do first: read the weights this flow needs
-    output = {"output": "np"} if flow in IMAGE_FLOWS else {}  # text flows return strings
+    size_of = (lambda size: dict(height=size, width=size, output="np")) if flow in IMAGE_FLOWS else (lambda size: {})
     modules = [model.unet, model.vae, model.text_encoder, model.image_encoder, model.optimus]
-    return held_gib(modules), lambda steps, size, callback: minivd.generate(
-        flow, model=model, steps=steps, height=size, width=size, seed=0, callback=callback, **output, **inputs(flow))
+
+    def run(steps, size, callback):
+        with minivd.speed.reuse_freed_memory(device) if reuse_heap else contextlib.nullcontext():
+            return minivd.generate(flow, model=model, steps=steps, seed=0, callback=callback, **size_of(size),
+                                   **inputs(flow))
+
+    return held_gib(modules), run
 
 
 def load_diffusers(folder, flow, device, dtype):
@@ -123,45 +129,20 @@ def held_gib(modules):
     return sum(sizes.values()) / 2**30
 
 
-class LiveBytes(TorchDispatchMode):
-    """Counts the bytes of tensor storage created inside the mode that are still alive, and their peak: what
-    torch.cuda.max_memory_allocated counts on a GPU, but measured after every op on any device, independent of the
-    allocator (a kernel's internal scratch memory is not seen)."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self.seen = set()  # ids of the storages being counted
-
-    def freed(self, key, nbytes):
-        self.seen.discard(key)
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {id(t.untyped_storage()) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        for t in tree_leaves(out):
-            storage = t.untyped_storage() if isinstance(t, torch.Tensor) else None
-            if storage is None or id(storage) in self.seen or id(storage) in inputs:
-                continue  # counted already, or a view or in-place result of an input (a weight's .t() is not new)
-            self.seen.add(id(storage))
-            self.live += storage.nbytes()
-            weakref.finalize(storage, self.freed, id(storage), storage.nbytes())
-        self.peak = max(self.peak, self.live)
-        return out
-
-
-def measure(impl, folder, flow, size, device, dtype, steps, tensor_peak=False):
+def measure(impl, folder, flow, size, device, dtype, steps, tensor_peak=False, reuse_heap=False):
     """Load, then generate with steps + 1 DDIM steps (the first one is the warm-up) at guidance 7.5.
     tensor_peak: then generate once more (one step) counting the tensors alive at once (`LiveBytes`)."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     start = time.perf_counter()
-    weights_gib, run = {"minivd": load_minivd, "diffusers": load_diffusers}[impl](folder, flow, device, dtype)
+    if impl == "minivd":
+        weights_gib, run = load_minivd(folder, flow, device, dtype, reuse_heap)
+    else:
+        weights_gib, run = load_diffusers(folder, flow, device, dtype)
     sync()
     load_s = time.perf_counter() - start
     stamps = []
 
-    def callback(step, t, latents):
+    def callback(step, t, latents, **state):
         sync()
         stamps.append(time.perf_counter())
 
@@ -177,7 +158,7 @@ def measure(impl, folder, flow, size, device, dtype, steps, tensor_peak=False):
         result["cuda_gib"] = torch.cuda.max_memory_allocated() / 2**30
     if tensor_peak:  # the weights, plus the most that the call's own tensors took at once
         with torch.no_grad(), LiveBytes() as live:
-            run(1, size, lambda *args: None)
+            run(1, size, lambda *args, **state: None)
         result["tensor_gib"] = weights_gib + live.peak / 2**30
     if hasattr(os, "getloadavg"):
         result["load_1min"] = os.getloadavg()[0]  # other processes on the machine skew the timings
@@ -199,15 +180,16 @@ def worker(spec):
         result = {}
     else:
         result = measure(spec["impl"], spec["folder"], spec["flow"], spec["size"], spec["device"],
-                         getattr(torch, spec["dtype"]), spec["steps"], spec.get("tensor_peak", False))
+                         getattr(torch, spec["dtype"]), spec["steps"], spec.get("tensor_peak", False),
+                         spec.get("reuse_heap", False))
     print(RESULT + json.dumps(result), flush=True)
 
 
 def run_isolated(spec, timeout):
     """Run `spec` in a fresh Python process. Returns its result dict, or {"error": short message}."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # minivd/ and weights_loader.py live here
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # minivd/ and weights_loader.py
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-    command = [sys.executable, "-m", "minivd.bench", "--worker", json.dumps(spec)]
+    command = [sys.executable, "-m", "minivd.tools.bench", "--worker", json.dumps(spec)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
@@ -313,7 +295,7 @@ def prepare_folder(folder, tiny, dtype, timeout):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m minivd.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m minivd.tools.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--folder", help="checkpoint folder; built (random weights) if it has no model_index.json "
                                          "(default ./bench_checkpoint, ./bench_checkpoint_tiny with --tiny)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -331,6 +313,9 @@ def main(argv=None):
     parser.add_argument("--tensor-peak", action="store_true",
                         help="also report the weights plus the most tensor memory alive at once in a one-step "
                              "generate, counted per op: on a CPU, what peak CUDA memory counts on a GPU")
+    parser.add_argument("--reuse-freed-memory", action="store_true",
+                        help="run minivd's generate inside minivd.speed.reuse_freed_memory (opt-in: glibc's malloc "
+                             "keeps large freed blocks while the UNet runs)")
     parser.add_argument("--out", help="also write the markdown report to this file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one measurement, as JSON
     args = parser.parse_args(argv)
@@ -363,7 +348,7 @@ def main(argv=None):
                         continue
                     spec = dict(task="measure", impl=impl, folder=folder, flow=flow, size=size if size != "-" else 512,
                                 device=args.device, dtype=args.dtype, steps=args.steps, threads=args.threads,
-                                tensor_peak=args.tensor_peak)
+                                tensor_peak=args.tensor_peak, reuse_heap=args.reuse_freed_memory)
                     result = run_isolated(spec, args.timeout)
                     if flow not in IMAGE_FLOWS and "error" in result:
                         result = {"error": f"skipped: {result['error']}"}
@@ -387,7 +372,8 @@ def main(argv=None):
         f"one warm-up step; generate s = the whole call ({args.steps + 1} steps, encoders, VAE decode); load s = "
         "folder to ready for the flow; weights = the parameters the loaded modules hold (resident or not: memory-mapped "
         "pages count in RSS once read); peak RSS = the process's maximum resident memory (ru_maxrss). " + tensors +
-        "Each cell: minivd / diffusers (ratio minivd/diffusers), each measured in a fresh process.",
+        "Each cell: minivd / diffusers (ratio minivd/diffusers), each measured in a fresh process. minivd's generate "
+        f"ran {'inside' if args.reuse_freed_memory else 'without'} the opt-in minivd.speed.reuse_freed_memory.",
         "",
         table(rows, args.device.startswith("cuda"), args.tensor_peak),
         "",

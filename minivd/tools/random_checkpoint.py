@@ -5,9 +5,10 @@ and sizes, filled with small random values (timings and memory are real, the ima
 by diffusers and transformers on the meta device and saved with their own config writers, so the folder is exactly
 what their from_pretrained reads. diffusers and transformers are imported inside the functions that need them.
 
-    from minivd.random_checkpoint import build_checkpoint
+    from minivd.tools.random_checkpoint import build_checkpoint, random_model
     build_checkpoint("bench_checkpoint")             # about 13 GB in float32
     build_checkpoint("tiny_checkpoint", tiny=True)   # seconds
+    model = random_model()                           # in memory, minivd only: every network at toy size
 """
 
 import json
@@ -43,7 +44,7 @@ TINY = dict(
     clip_vision=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2, image_size=224,
                      patch_size=14, projection_dim=32),
     bert=dict(vocab_size=160, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-              max_position_embeddings=96, layer_norm_eps=1e-12),  # the vocab of minivd.optimus.write_tiny_vocabs
+              max_position_embeddings=96, layer_norm_eps=1e-12),  # the vocab of minivd.tools.vocab.write_tiny_vocabs
     gpt2=dict(vocab_size=323, n_embd=48, n_layer=3, n_head=6, n_inner=192, n_positions=64),
     head_dim=8,
 )
@@ -118,7 +119,7 @@ def write_optimus(folder, sizes, latent_dim, generator, dtype):
     from safetensors.torch import save_file
     from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
 
-    from minivd.optimus import write_tiny_vocabs
+    from minivd.tools.vocab import write_tiny_vocabs
 
     write_tiny_vocabs(folder)  # stand-ins trained on a few sentences; BERT's may be smaller than its embedding,
     vocab_json = os.path.join(folder, "vocab.json")  # but GPT-2's must fill its embedding (less the 3 added tokens):
@@ -150,7 +151,7 @@ def build_checkpoint(folder, tiny=False, dtype=torch.float32, seed=0):
     complete folder). Returns the folder."""
     from safetensors.torch import save_file
 
-    from minivd.tokenizer import write_clip_vocab
+    from minivd.tools.vocab import write_clip_vocab
 
     reference_libraries()
     vocab_size = write_clip_vocab(os.path.join(folder, "tokenizer"))
@@ -202,3 +203,31 @@ def write_pipeline_files(folder):
                    "tokenizer": ["transformers", "CLIPTokenizer"],
                    "image_feature_extractor": ["transformers", "CLIPImageProcessor"]}, f, indent=2)
     return folder
+
+
+def random_model(seed=0):
+    """A complete, tiny, randomly initialised VersatileDiffusion held in memory (every network at toy size, the
+    VAE with VD's 8x factor), with tokenizers trained on a built-in corpus. No file, no download; outputs are noise."""
+    from minivd.clip import CLIPTextConfig, CLIPVisionConfig, ImagePreprocessConfig
+    from minivd.model import Defaults, VDConfig, VersatileDiffusion
+    from minivd.optimus import OptimusConfig, bert_tokenizer, gpt2_tokenizer
+    from minivd.tools.vocab import demo_tokenizer, write_tiny_vocabs
+    from minivd.unet import UNetConfig
+    from minivd.vae import VAEConfig
+    import tempfile
+
+    unet = UNetConfig.tiny()
+    text, vision = CLIPTextConfig.tiny(), CLIPVisionConfig.tiny()
+    text.projection_dim = vision.projection_dim = unet.context_dim
+    optimus = OptimusConfig.tiny()
+    optimus.latent_dim = unet.text_channels
+    config = VDConfig(unet=unet, vae=VAEConfig(block_out_channels=[16, 16, 32, 32], layers_per_block=1, norm_groups=8),
+                      text=text, vision=vision, image_preprocess=ImagePreprocessConfig(size=vision.image_size),
+                      optimus=optimus, defaults=Defaults(height=64, width=64, steps=10, guidance_scale=7.5),
+                      description="a tiny model with RANDOM weights (outputs are noise)")
+    with tempfile.TemporaryDirectory() as folder:
+        files = write_tiny_vocabs(folder)
+        optimus_tokenizers = bert_tokenizer(files["vocab.txt"]), gpt2_tokenizer(files["vocab.json"], files["merges.txt"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return VersatileDiffusion(config, demo_tokenizer(), optimus_tokenizers).build().eval()
