@@ -65,7 +65,7 @@ class CLIPTextConfig:
 
     @classmethod
     def tiny(cls):
-        """2 layers of width 32: for tests and the demo model (vocab 1000 = `minivd.tokenizer.demo_tokenizer`)."""
+        """2 layers of width 32: for tests and the demo model (vocab 1000 = `minivd.tools.vocab.demo_tokenizer`)."""
         return cls(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                    num_attention_heads=4, projection_dim=32)
 

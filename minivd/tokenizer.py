@@ -97,7 +97,7 @@ class CLIPTokenizer:
         if max_length < 2:
             raise ValueError(f"max_length must leave room for <|startoftext|> and <|endoftext|>, got {max_length}")
         merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
-        self.vocab = vocab
+        self.vocab, self.merges = vocab, merges
         self.max_length = max_length
         self.bos_id, self.eos_id, self.pad_id = vocab[BOS], vocab[EOS], vocab[pad_token]
         self.backend = clip_pipeline(vocab, merges, special_tokens=(BOS, EOS, pad_token))
