@@ -2,10 +2,15 @@ import os
 import sys
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # weights_loader.py, tests/
 
 from tiny_vd import build_tiny_vd  # noqa: E402
+
+# The tests run tiny models: one thread is faster than two there, and much faster when the machine is busy
+# (subprocesses the tests start set OMP_NUM_THREADS=1 or their own count).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
