@@ -25,7 +25,8 @@ on their mean, so each layer set gets the gradients of exactly the flows that us
 --progressive is the paper's order: text-to-image alone for the first quarter of the steps, then with image-variation
 (the dual-context stage) for the second, then all four flows.
 Where the paper is silent, minivd chooses: flows weigh equally (the mean of their losses); every flow draws its own
-t, noise and unconditional samples; AdamW (betas 0.9, 0.999, weight decay 0.01) with a linear warm-up and a cosine
+t, noise and unconditional samples; text-variation learns to write a paraphrase of its condition (another caption of
+the same picture, when the data has one: the toy world's templates; a folder's single caption otherwise); AdamW (betas 0.9, 0.999, weight decay 0.01) with a linear warm-up and a cosine
 decay of the learning rate to a tenth; gradients clipped to norm 1; an optional EMA of the UNet is what gets exported.
 
 Legend: B batch, S image side, T text tokens, N image tokens, Cc context width, Z Optimus latent size.
@@ -83,7 +84,8 @@ class TrainConfig:
 
 
 class ToyPairs:
-    """(image, caption) pairs of the toy world (minivd.toy.world), drawn on the fly: a random scene and template each."""
+    """(image, caption) pairs of the toy world (minivd.toy.world), drawn on the fly: a random scene and template each,
+    and a paraphrase: the same scene in another random template."""
 
     def __init__(self, size):
         from .toy import world
@@ -91,11 +93,13 @@ class ToyPairs:
         self.world, self.size = world, size
 
     def batch(self, rng, n):
-        scenes = [self.world.Scene.from_labels([rng.integers(len(v)) for v in self.world.ATTRIBUTES.values()])
-                  for _ in range(n)]
-        templates = rng.integers(len(self.world.TEMPLATES), size=n)
-        images = [self.world.render(scene, self.size, rng) for scene in scenes]
-        return images, [self.world.caption(scene, int(t)) for scene, t in zip(scenes, templates)]
+        """-> (n PIL images, n captions, n paraphrases)."""
+        w = self.world
+        scenes = [w.Scene.from_labels([rng.integers(len(v)) for v in w.ATTRIBUTES.values()]) for _ in range(n)]
+        templates, others = rng.integers(len(w.TEMPLATES), size=(2, n))
+        images = [w.render(scene, self.size, rng) for scene in scenes]
+        return (images, [w.caption(s, int(t)) for s, t in zip(scenes, templates)],
+                [w.caption(s, int(t)) for s, t in zip(scenes, others)])
 
 
 class FolderPairs:
@@ -114,6 +118,7 @@ class FolderPairs:
         self.size = size
 
     def batch(self, rng, n):
+        """-> (n PIL images, n captions, the same captions as paraphrases)."""
         images, captions = [], []
         for i in rng.integers(len(self.pairs), size=n):
             image_path, text_path = self.pairs[i]
@@ -121,7 +126,7 @@ class FolderPairs:
                 images.append(centre_square(im.convert("RGB"), self.size))
             with open(text_path, encoding="utf-8") as f:
                 captions.append(f.read().strip())
-        return images, captions
+        return images, captions, captions
 
 
 def centre_square(image, size):
@@ -165,9 +170,10 @@ class MultiFlowLoss(nn.Module):
 
 
 @torch.no_grad()
-def frozen_targets(model, images, captions, flows, uncond, generator, share=slice(None)):
+def frozen_targets(model, images, captions, flows, uncond, generator, share=slice(None), paraphrases=None):
     """What the frozen networks give for the `share` of a batch, and each flow's draws for it (made for the whole
-    batch, so that any split between processes sees the same numbers): {flow: (x0, t, noise, context)}."""
+    batch, so that any split between processes sees the same numbers): {flow: (x0, t, noise, context)}.
+    text-variation's x0 is the paraphrases' latent (default: the captions')."""
     device, B = model.device, len(images)
     draws = {}
     for flow in flows:  # t, noise and the unconditional samples of every flow, for the whole batch
@@ -181,13 +187,16 @@ def frozen_targets(model, images, captions, flows, uncond, generator, share=slic
         dropped = torch.rand(B, generator=generator) < uncond
         draws[flow] = t[share], noise[share], dropped[share]
     images, captions = images[share], captions[share]
+    paraphrases = captions if paraphrases is None else paraphrases[share]
     x0, contexts, nulls = {}, {}, {}
     if any(FLOWS[f][0] == "image" for f in flows):
         # (B, 4, S/8, S/8). contiguous(): the VAE's last conv leaves a channels-last layout, and a UNet fed that with
         # frozen first layers crashed in backward (torch 2.13, CPU)
         x0["image"] = model.encode_images(to_pixels(images)).to(model.dtype).contiguous()
-    if any(FLOWS[f][0] == "text" for f in flows):
-        x0["text"] = model.optimus.encode(captions).to(device, model.dtype)[:, :, None, None]  # (B, Z, 1, 1)
+    if "image-to-text" in flows:
+        x0["image-to-text"] = model.optimus.encode(captions).to(device, model.dtype)[:, :, None, None]  # (B, Z, 1, 1)
+    if "text-variation" in flows:
+        x0["text-variation"] = model.optimus.encode(paraphrases).to(device, model.dtype)[:, :, None, None]
     if any(FLOWS[f][1] == ("text",) for f in flows):
         contexts["text"], nulls["text"] = model.encode_text(captions), model.encode_text([""])  # (B, T, Cc), (1, T, Cc)
     if any(FLOWS[f][1] == ("image",) for f in flows):
@@ -198,7 +207,7 @@ def frozen_targets(model, images, captions, flows, uncond, generator, share=slic
         data, (kind,) = FLOWS[flow]
         t, noise, dropped = draws[flow]
         context = torch.where(dropped.view(-1, 1, 1).to(device), nulls[kind], contexts[kind])  # uncond for a share
-        targets[flow] = (x0[data], t.to(device), noise.to(device, model.dtype), context)
+        targets[flow] = (x0[data] if data == "image" else x0[flow], t.to(device), noise.to(device, model.dtype), context)
     return targets
 
 
@@ -284,10 +293,10 @@ def train(config: TrainConfig):
     while step < config.steps:
         flows = [f for first, f in stages(config) if first <= step][-1]
         rng = np.random.default_rng([config.seed, step])  # the step's batch, the same in every process
-        images, captions = pairs.batch(rng, config.batch_size)
+        images, captions, paraphrases = pairs.batch(rng, config.batch_size)
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
         share = slice(rank * local, (rank + 1) * local)  # this process's share of the global batch
-        targets = frozen_targets(model, images, captions, flows, config.uncond, generator, share)
+        targets = frozen_targets(model, images, captions, flows, config.uncond, generator, share, paraphrases)
 
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, config)

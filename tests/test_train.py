@@ -57,7 +57,7 @@ def test_the_objective_is_the_forward_process_and_the_noise_mse(tiny_vd, pairs):
             seen.append((x, t, contexts, data))
             return torch.zeros_like(x)
 
-    images, captions = FolderPairs(pairs, SIZE).batch(np.random.default_rng(0), 4)
+    images, captions, _ = FolderPairs(pairs, SIZE).batch(np.random.default_rng(0), 4)
     targets = frozen_targets(model, images, captions, ["text-to-image"], 0.5, torch.Generator().manual_seed(0))
     x0, t, noise, context = targets["text-to-image"]
     loss, losses = MultiFlowLoss(Recorder(), model.sampler.alphas_cumprod)(targets, ["text-to-image"])
@@ -84,7 +84,7 @@ def test_each_layer_set_gets_the_gradients_of_the_flows_that_use_it(tiny_vd, pai
     weighted 1/4); the other flows contribute nothing to it."""
     model = model_for(tiny_vd)
     objective = MultiFlowLoss(model.unet, model.sampler.alphas_cumprod)
-    images, captions = FolderPairs(pairs, SIZE).batch(np.random.default_rng(1), 4)
+    images, captions, _ = FolderPairs(pairs, SIZE).batch(np.random.default_rng(1), 4)
     targets = frozen_targets(model, images, captions, TRAINED_FLOWS, 0.1, torch.Generator().manual_seed(1))
     sets = {"time_embed": model.unet.time_embed, **{f"data.{k}": m for k, m in model.unet.data.items()},
             **{f"context.{k}": m for k, m in model.unet.context.items()}}
@@ -114,7 +114,7 @@ def test_splitting_the_batch_gives_the_whole_batch_gradient(tiny_vd, pairs):
     """What each process computes on its share (the same draws, sliced) averages to the whole batch's gradient."""
     model = model_for(tiny_vd)
     objective = MultiFlowLoss(model.unet, model.sampler.alphas_cumprod)
-    images, captions = FolderPairs(pairs, SIZE).batch(np.random.default_rng(2), 4)
+    images, captions, _ = FolderPairs(pairs, SIZE).batch(np.random.default_rng(2), 4)
 
     def grads(share):
         targets = frozen_targets(model, images, captions, TRAINED_FLOWS, 0.1, torch.Generator().manual_seed(2), share)
