@@ -1,0 +1,137 @@
+"""Reproduce the built-in toy VD from scratch:  python -m minivd.toy.build --out toy_build [--ship]
+
+Stages, in order; each is skipped when its output exists, so a stopped build carries on where it was:
+    components  the tokenizers, the judge, the image VAE, the CLIP towers and Optimus (minivd.toy.components)
+    assemble    a VersatileDiffusion of those components and a freshly initialised toy UNet, written in the official
+                diffusers layout (init/)
+    unet        the UNet trained on the toy world's four flows by minivd.train (unet/; resumable)
+    defaults    the guidance scale that measures best, written into the model's minivd.json
+    evaluate    minivd.evaluate's table, the trained toy beside a random-weights model (evaluation.md)
+    ship        with --ship: the model and the judge copied into minivd/toy/weights/, what minivd.load() reads
+The time of every stage is printed and kept in times.json.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import time
+
+import torch
+
+from .. import export
+from ..checkpoint import load
+from ..clip import ImagePreprocessConfig
+from ..model import Defaults, VDConfig, VersatileDiffusion
+from ..train import TrainConfig, train
+from ..unet import UNetConfig
+from . import components
+
+WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")  # the shipped toy (minivd.load())
+DESCRIPTION = ("the built-in TOY model: a small VD trained by minivd on pictures of coloured shapes "
+               "(minivd.toy.world), not Versatile Diffusion's weights")
+TOY_UNET = UNetConfig(block_out_channels=(32, 64, 64), layers_per_block=1, attention_levels=(True, True, False),
+                      heads=4, context_dim=64, norm_groups=8, text_channels=32)
+UNET_STEPS, BATCH, LR, EMA = 3000, 64, 1e-3, 0.998
+SAMPLING_STEPS, GUIDANCE_CANDIDATES = 25, (1.5, 2.0, 3.0, 4.0)
+
+
+def assemble(parts, folder, seed=0):
+    """The components and a new UNet, as one model written to `folder` (official layout)."""
+    config = VDConfig(unet=TOY_UNET, vae=parts["vae"].cfg, text=parts["clip_text"].config,
+                      vision=parts["clip_vision"].config, image_preprocess=ImagePreprocessConfig(size=64),
+                      optimus=parts["optimus"].config, defaults=Defaults(64, 64, SAMPLING_STEPS, 3.0),
+                      description=DESCRIPTION)
+    model = VersatileDiffusion(config, parts["clip_tokenizer"], (parts["bert_tokenizer"], parts["gpt2_tokenizer"]))
+    model.vae, model.text_encoder, model.image_encoder = parts["vae"], parts["clip_text"], parts["clip_vision"]
+    model.optimus = parts["optimus"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.unet = model.new_module("unet")
+    return export.save(model, folder)
+
+
+def choose_guidance(folder, judge):
+    """Measure text-to-image at each candidate guidance scale (one seed of the 24 colour x shape prompts) and write
+    the best into the folder's minivd.json. Returns {guidance: % all attributes right}."""
+    from ..evaluate import text_to_image
+
+    model = load(folder)
+    scores = {}
+    for g in GUIDANCE_CANDIDATES:
+        model.config.defaults.guidance_scale = g
+        scores[g] = text_to_image(model, judge, seeds=2)["all"]
+    best = max(scores, key=lambda g: (scores[g], -g))
+    path = os.path.join(folder, "minivd.json")
+    with open(path) as f:
+        info = json.load(f)
+    info["defaults"]["guidance_scale"] = best
+    with open(path, "w") as f:
+        json.dump(info, f, indent=2)
+    return scores
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m minivd.toy.build", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="toy_build", help="the build folder")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--unet-steps", type=int, default=UNET_STEPS)
+    p.add_argument("--ship", action="store_true", help="copy the result into minivd/toy/weights/")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    times_path = os.path.join(out, "times.json")
+    times = json.load(open(times_path)) if os.path.isfile(times_path) else {}
+
+    def stage(name, done, run):
+        if done():
+            print(f"[{name}] done already ({times.get(name, '?')} s)")
+            return
+        print(f"[{name}] ...", flush=True)
+        start = time.time()
+        run()
+        times[name] = round(time.time() - start, 1)
+        with open(times_path, "w") as f:
+            json.dump(times, f, indent=2)
+        print(f"[{name}] {times[name]} s", flush=True)
+
+    parts_dir, init, run_dir = os.path.join(out, "components"), os.path.join(out, "init"), os.path.join(out, "unet")
+    final = os.path.join(run_dir, "checkpoint")
+    stage("components", lambda: os.path.isfile(os.path.join(parts_dir, "optimus.safetensors")),
+          lambda: components.main(["--out", parts_dir, "--stage", "all"]))
+    stage("assemble", lambda: os.path.isfile(os.path.join(init, "model_index.json")),
+          lambda: assemble(components.load(parts_dir), init))
+    stage("unet", lambda: os.path.isfile(os.path.join(final, "model_index.json")),
+          lambda: train(TrainConfig(init=init, data="toy", out=run_dir, steps=args.unet_steps, batch_size=BATCH, lr=LR,
+                                    warmup=100, ema=EMA, save_every=250, description=DESCRIPTION, resume=True)))
+    judge = components.load(parts_dir)["judge"]
+    scores = {}
+    stage("defaults", lambda: os.path.isfile(os.path.join(out, "guidance.json")),
+          lambda: json.dump(choose_guidance(final, judge), open(os.path.join(out, "guidance.json"), "w"), indent=2))
+
+    def evaluate():
+        from ..evaluate import evaluate as measure, table
+        from ..tools.random_checkpoint import random_model
+
+        results = {"toy": measure(load(final), judge), "random weights": measure(random_model(), judge)}
+        with open(os.path.join(out, "evaluation.md"), "w") as f:
+            f.write(table(results, list(results)) + "\n")
+        print(table(results, list(results)))
+
+    stage("evaluate", lambda: os.path.isfile(os.path.join(out, "evaluation.md")), evaluate)
+    if args.ship:
+        if os.path.isdir(WEIGHTS):
+            shutil.rmtree(WEIGHTS)
+        shutil.copytree(final, WEIGHTS, ignore=shutil.ignore_patterns("*.tmp"))
+        for name in ("judge.safetensors", "judge.json"):
+            shutil.copy(os.path.join(parts_dir, name), os.path.join(WEIGHTS, name))
+        size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(WEIGHTS) for f in files)
+        print(f"shipped {WEIGHTS}: {size / 2**20:.1f} MiB")
+    print("stage times (s):", json.dumps(times))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
