@@ -27,14 +27,14 @@ def _went_down(log, key="loss", n=3):
 
 
 def test_judge_learns():
-    model, log = judge.train_judge(steps=25, batch_size=32, log_every=1, quiet=True)
-    assert len(log) == 25 and _went_down(log)
+    model, log = judge.train_judge(steps=15, batch_size=16, log_every=1, quiet=True)
+    assert len(log) == 15 and _went_down(log)
     assert not model.training
 
 
 def test_vae_learns_and_sets_its_scale():
     cfg = train_vae.toy_vae_config()
-    model, log = train_vae.train_vae(steps=12, batch_size=8, log_every=1, quiet=True, cfg=cfg,
+    model, log = train_vae.train_vae(steps=8, batch_size=4, log_every=1, quiet=True, cfg=cfg,
                                        scale_samples=16)
     assert _went_down(log, "rec")
     assert model.downscale == 8 and cfg.scaling_factor != 1.0
@@ -45,7 +45,7 @@ def test_vae_learns_and_sets_its_scale():
 
 def test_clip_learns(tokenizer_dir):
     tok = CLIPTokenizer.from_folder(os.path.join(tokenizer_dir, "clip_tokenizer"))
-    text, vision, scale, log = train_clip.train_clip(tok, steps=25, batch_size=32, log_every=1, quiet=True)
+    text, vision, scale, log = train_clip.train_clip(tok, steps=20, batch_size=16, log_every=1, quiet=True)
     assert _went_down(log)
     assert text.config.projection_dim == vision.config.projection_dim == train_clip.CONTEXT_DIM
     images, captions, _ = next(world.batches(3, seed=1))
@@ -68,7 +68,7 @@ def test_contrastive_targets_treat_equal_scenes_as_positives():
 
 def test_optimus_learns(tokenizer_dir):
     bert, gpt2 = load_tokenizers(os.path.join(tokenizer_dir, "optimus_tokenizer"))
-    model, log = train_optimus.train_optimus(bert, gpt2, steps=40, batch_size=32, log_every=1, quiet=True)
+    model, log = train_optimus.train_optimus(bert, gpt2, steps=30, batch_size=16, log_every=1, quiet=True)
     assert _went_down(log, "rec")
     assert model.config.latent_dim == 32 and not model.training
     training, held_out = train_optimus.split_sentences()

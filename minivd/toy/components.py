@@ -32,6 +32,31 @@ from minivd.vae import AutoencoderKL, VAEConfig
 STAGES = ("tokenizers", "judge", "vae", "clip", "optimus")
 STEPS = {"judge": 400, "vae": 1400, "clip": 1500, "optimus": 3000}  # planned from 20-step timings on 2 cores
 
+# What each stage must reach before the UNet is trained on top of it: (path in the measurements, minimum %).
+# The UNet's own targets (e.g. text-to-image shape >= 90%) cannot beat what the components allow.
+ATTRIBUTE_NAMES = ("size", "colour", "shape", "place")
+GATES = {
+    "judge": [(("held_out", "clean", a), 99.0) for a in ATTRIBUTE_NAMES]
+             + [(("held_out", "degraded", a), 99.0) for a in ATTRIBUTE_NAMES],
+    "vae": [(("judge_on_reconstructions", a), 98.0) for a in ATTRIBUTE_NAMES],
+    "clip": [(("zero_shot_image_to_canonical_caption", a), 98.0) for a in ATTRIBUTE_NAMES]
+            + [(("every_caption_to_its_canonical_caption",), 98.0)],
+    "optimus": [(("held_out", "exact"), train_optimus.RECONSTRUCTION_GATE),
+                (("latent_noise_0.2", "in_language"), 95.0), (("latent_noise_0.2", "attributes_kept"), 95.0)],
+}
+
+
+def failed_gates(stage, result):
+    """-> list of "path: value < minimum" for every gate of `stage` that `result` misses."""
+    failures = []
+    for path, minimum in GATES.get(stage, []):
+        value = result
+        for key in path:
+            value = value[key]
+        if value < minimum:
+            failures.append(f"{stage} {'/'.join(path)}: {value:.2f} < {minimum}")
+    return failures
+
 
 def load(out_dir):
     """The components in `out_dir` that exist: a dict with any of clip_tokenizer, bert_tokenizer, gpt2_tokenizer,
@@ -100,6 +125,7 @@ def run_stage(stage, out_dir, steps=None, seed=0, quiet=False):
     if stage != "tokenizers":
         timing.update(steps=steps, train_s=round(train_s, 1), final_losses=_final(log))
     result = {**timing, **result}
+    result["failed_gates"] = failed_gates(stage, result)
 
     os.makedirs(os.path.join(out_dir, "logs"), exist_ok=True)
     write_json(os.path.join(out_dir, "logs", f"{stage}.json"), log)
@@ -124,10 +150,18 @@ def main(argv=None):
         parser.error("--steps applies to a single --stage")
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
+    times, failures = {}, []
     for stage in stages:
         result = run_stage(stage, args.out, args.steps, args.seed, args.quiet)
+        times[stage] = result["time_s"]
+        failures += result["failed_gates"]
         print(f"== {stage}: {result['time_s']:.1f} s", flush=True)
         print(json.dumps({k: v for k, v in result.items() if k not in ("config",)}, indent=1), flush=True)
+    print("time per stage: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
+          + f"; total {sum(times.values()) / 60:.1f} min")
+    if failures:
+        raise SystemExit("gates failed:\n  " + "\n  ".join(failures))
+    print("every gate passed")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,10 @@ trained on the caption language.
     (mu, logvar) = encoder(caption),  z = mu + exp(logvar / 2) * eps
     loss = sum_tokens CE(decoder(z, <BOS> w_1 .. w_n), w_1 .. w_n <EOS>) + beta * sum_d max(KL_d, free_bits)
 
-Text VAEs tend to collapse: a strong decoder learns the language and ignores z (KL -> 0). Three guards:
-    KL annealing   beta grows linearly from 0 to `beta` over the first `anneal` of the steps;
+Text VAEs tend to collapse: a strong decoder learns the language and ignores z (KL -> 0). Four guards:
+    latent paths   the layers that carry z start at unit scale (`init_latent_paths`), so z is heard at once;
+    KL annealing   beta, and the share of the posterior noise in z, grow linearly from 0 to their full value
+                   over the first `anneal` of the steps: an autoencoder first, a VAE after;
     free bits      a latent dimension's KL (averaged over the batch) is not penalised below `free_bits` nats
                    (0.5 x 32 dimensions = 16 nats; telling the 1200 sentences apart takes ln 1200 = 7.1);
     word dropout   a `word_dropout` share of the decoder's input tokens is replaced by <PAD>, so the decoder
