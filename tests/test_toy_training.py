@@ -97,3 +97,8 @@ def test_components_round_trip(tmp_path, tokenizer_dir):
     assert torch.equal(loaded.encode(x)[0], vae.encode(x)[0])
     found = components.load(tokenizer_dir)
     assert {"clip_tokenizer", "bert_tokenizer", "gpt2_tokenizer"} <= set(found)
+
+
+def test_a_stage_without_its_inputs_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="judge"):
+        components.run_stage("vae", str(tmp_path), steps=1)

@@ -84,10 +84,16 @@ def _final(log):
     return {k: v for k, v in log[-1].items() if k not in ("step", "time_s")} if log else {}
 
 
+NEEDS = {"vae": ("judge",), "clip": ("clip_tokenizer",), "optimus": ("bert_tokenizer", "gpt2_tokenizer")}
+
+
 def run_stage(stage, out_dir, steps=None, seed=0, quiet=False):
     """Train and measure one stage; write its files. -> its measurements (dict)."""
     steps = steps or STEPS.get(stage)
     have = load(out_dir)
+    missing = [name for name in NEEDS.get(stage, ()) if name not in have]
+    if missing:
+        raise FileNotFoundError(f"stage {stage} needs {', '.join(missing)} in {out_dir}: run the earlier stages")
     start = time.perf_counter()
     if stage == "tokenizers":
         result = vocab.write_tokenizers(out_dir)
@@ -101,9 +107,8 @@ def run_stage(stage, out_dir, steps=None, seed=0, quiet=False):
         vae, log = train_vae.train_vae(steps=steps, seed=seed, quiet=quiet)
         train_s = time.perf_counter() - start
         save_component(out_dir, "vae", vae, vae.cfg)
-        result = {"parameters": parameter_count(vae), "config": vars(vae.cfg)}
-        if "judge" in have:
-            result.update(train_vae.measure_vae(vae, have["judge"]))
+        result = {"parameters": parameter_count(vae), "config": vars(vae.cfg),
+                  **train_vae.measure_vae(vae, have["judge"])}
     elif stage == "clip":
         tokenizer = have["clip_tokenizer"]
         text, vision, logit_scale, log = train_clip.train_clip(tokenizer, steps=steps, seed=seed, quiet=quiet)
@@ -130,7 +135,10 @@ def run_stage(stage, out_dir, steps=None, seed=0, quiet=False):
     os.makedirs(os.path.join(out_dir, "logs"), exist_ok=True)
     write_json(os.path.join(out_dir, "logs", f"{stage}.json"), log)
     path = os.path.join(out_dir, "measurements.json")
-    measurements = json.load(open(path)) if os.path.exists(path) else {}
+    measurements = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            measurements = json.load(f)
     measurements[stage] = result
     write_json(path, measurements)
     return result
