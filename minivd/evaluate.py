@@ -17,6 +17,7 @@ grammar (minivd.toy.world.parse_caption), which also says whether a sentence is 
 """
 
 import argparse
+import os
 import time
 
 import numpy as np
@@ -26,10 +27,20 @@ from . import extensions
 from .checkpoint import load
 from .pipeline import generate
 from .toy import world
-from .toy.judge import HEADS
+from .toy.common import load_component
+from .toy.judge import HEADS, Judge, JudgeConfig
+
+TOY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy", "weights")  # the built-in toy and its judge
 
 RATIOS = (0.0, 0.25, 0.5, 0.75, 1.0)
 FOCUS_LEVELS = (0.0, 0.5, 1.0)
+
+
+def load_judge(folder=TOY):
+    """The judge shipped with the toy (folder/judge.safetensors and judge.json)."""
+    if not os.path.isfile(os.path.join(folder, "judge.safetensors")):
+        raise FileNotFoundError(f"no judge in {folder}: python -m minivd.toy.build --ship writes it")
+    return load_component(folder, "judge", JudgeConfig, Judge)
 
 
 def scenes_for(n, seed):
@@ -160,7 +171,6 @@ def table(results, names):
 
 
 def main(argv=None):
-    from .toy.judge import load_judge
     from .tools.random_checkpoint import random_model
 
     p = argparse.ArgumentParser(prog="python -m minivd.evaluate", description=__doc__.split("\n\n")[0])

@@ -1,62 +1,58 @@
-"""Execute every tutorial notebook (tutorials/*.ipynb) top to bottom; a cell that raises fails the test.
+"""Execute every tutorial notebook (tutorials/*.ipynb) top to bottom, twice: on the built-in toy (the figures and the
+checks each notebook makes of its own claims), and with MINIVD_WEIGHTS pointing at a tiny random checkpoint in the
+official layout, so the path a reader with the real weights takes cannot rot. A cell that raises fails the test.
 
-Each notebook runs in a fresh "python3" kernel started with this interpreter, in tutorials/, on the built-in tiny demo
-model: MINIVD_WEIGHTS is removed from the kernel's environment so CI never reads real weights.
+The notebooks run two at a time, each in a fresh "python3" kernel of this interpreter (minivd.tools.notebooks).
 """
 
-import os
-import re
 import sys
-from pathlib import Path
+import time
+from concurrent.futures import ThreadPoolExecutor
 
-import nbformat
 import pytest
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
-from nbclient import NotebookClient
-from nbclient.exceptions import CellExecutionError
 
-ROOT = Path(__file__).resolve().parent.parent
-TUTORIALS = ROOT / "tutorials"
-NOTEBOOKS = sorted(TUTORIALS.glob("*.ipynb"))
-KERNEL = "python3"
-CELL_TIMEOUT_S = 600
-ANSI_COLOR = re.compile(r"\x1b\[[0-9;]*m")  # IPython colours its tracebacks
+from minivd.tools.notebooks import TUTORIALS, execute, notebooks
 
-
-def kernel_env():
-    """The kernel's environment: ours, without MINIVD_WEIGHTS, with the repo root importable, a headless matplotlib
-    and one thread."""
-    env = {k: v for k, v in os.environ.items() if k != "MINIVD_WEIGHTS"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
-    env["MPLBACKEND"] = "Agg"
-    env["OMP_NUM_THREADS"] = "1"  # the tiny model's ops are too small to share between threads
-    return env
+NOTEBOOKS = notebooks()
 
 
 def test_tutorials_exist():
-    assert NOTEBOOKS, f"no notebooks found in {TUTORIALS}"
+    assert len(NOTEBOOKS) >= 10, f"expected the ten tutorials in {TUTORIALS}"
 
 
 def test_kernel_spec_available():
     """The python3 kernel is ipykernel's: installed in the venv or, failing that, the one jupyter_client finds inside
     the ipykernel package. Its command 'python' is run as sys.executable, so the kernel sees this interpreter's packages."""
     try:
-        spec = KernelSpecManager().get_kernel_spec(KERNEL)
+        spec = KernelSpecManager().get_kernel_spec("python3")
     except NoSuchKernel:
-        pytest.fail(f"no {KERNEL!r} kernel: install ipykernel (pip install ipykernel) or run "
+        pytest.fail(f"no python3 kernel: install ipykernel (pip install ipykernel) or run "
                     f"`{sys.executable} -m ipykernel install --sys-prefix`")
-    assert "ipykernel" in " ".join(spec.argv), f"the {KERNEL!r} kernel is not ipykernel: {spec.argv}"
+    assert "ipykernel" in " ".join(spec.argv), f"the python3 kernel is not ipykernel: {spec.argv}"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
-def test_notebook_runs(path):
-    nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(nb, kernel_name=KERNEL, timeout=CELL_TIMEOUT_S,
-                            resources={"metadata": {"path": str(TUTORIALS)}})  # cwd = tutorials/
-    error = None
-    try:
-        client.execute(env=kernel_env())
-    except CellExecutionError as e:  # its message holds the failing cell's source and traceback
-        error = ANSI_COLOR.sub("", str(e))
+@pytest.fixture(scope="module")
+def runs(tiny_vd):
+    """{(notebook name, "toy" | "weights"): (seconds, error or None)} for every notebook on both models."""
+    jobs = [(path, mode) for mode in ("toy", "weights") for path in NOTEBOOKS]
+
+    def run(job):
+        path, mode = job
+        _, seconds, error = execute(path, weights=tiny_vd if mode == "weights" else None)
+        return (path.name, mode), (seconds, error)
+
+    start = time.time()
+    with ThreadPoolExecutor(2) as pool:
+        results = dict(pool.map(run, jobs))
+    print(f"\n{len(jobs)} notebook runs in {time.time() - start:.0f} s: " +
+          ", ".join(f"{name} {mode} {s:.0f}s" for (name, mode), (s, _) in results.items()))
+    return results
+
+
+@pytest.mark.parametrize("mode", ["toy", "weights"])
+@pytest.mark.parametrize("name", [p.name for p in NOTEBOOKS])
+def test_notebook_runs(runs, name, mode):
+    seconds, error = runs[(name, mode)]
     if error is not None:
-        pytest.fail(f"{path.name}: a cell raised\n{error}", pytrace=False)
+        pytest.fail(f"{name} ({mode}): a cell raised\n{error}", pytrace=False)

@@ -73,6 +73,9 @@ def build_tiny_vd(folder, fmt="safetensors", legacy_vae=False, seed=0, optimus=T
             torch.save(renamed, path)
     if optimus:
         write_tiny_optimus(os.path.join(folder, "optimus"), latent_dim=32, seed=seed + 100)
+    with open(os.path.join(folder, "minivd.json"), "w") as f:  # what the folder is, and sizes that run in seconds
+        json.dump({"description": "a tiny checkpoint with RANDOM weights, for tests",
+                   "defaults": {"height": 64, "width": 64, "steps": 4, "guidance_scale": 7.5}}, f)
     return write_pipeline_files(folder)  # image_feature_extractor, scheduler, model_index.json: as the benchmark's
 
 

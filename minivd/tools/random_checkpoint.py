@@ -180,6 +180,9 @@ def build_checkpoint(folder, tiny=False, dtype=torch.float32, seed=0):
         print(f"  optimus: {count / 1e6:.1f} M parameters", flush=True)
     with open(os.path.join(folder, MARKER), "w") as f:
         json.dump({"tiny": tiny, "dtype": str(dtype).removeprefix("torch."), "seed": seed}, f)
+    with open(os.path.join(folder, "minivd.json"), "w") as f:  # what minivd.load says the folder is
+        json.dump({"description": "RANDOM weights in the official layout (minivd.tools.random_checkpoint): timings and "
+                                  "memory are real, the outputs are noise"}, f)
     return write_pipeline_files(folder)
 
 

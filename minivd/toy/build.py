@@ -7,7 +7,8 @@ Stages, in order; each is skipped when its output exists, so a stopped build car
     unet        the UNet trained on the toy world's four flows by minivd.train (unet/; resumable)
     defaults    the guidance scale that measures best, written into the model's minivd.json
     evaluate    minivd.evaluate's table, the trained toy beside a random-weights model (evaluation.md)
-    ship        with --ship: the model and the judge copied into minivd/toy/weights/, what minivd.load() reads
+    ship        with --ship: the model in float16 (about 11 MB) and the judge written into minivd/toy/weights/, what
+                minivd.load() reads
 The time of every stage is printed and kept in times.json.
 """
 
@@ -24,7 +25,7 @@ from ..checkpoint import load
 from ..clip import ImagePreprocessConfig
 from ..model import Defaults, VDConfig, VersatileDiffusion
 from ..train import TrainConfig, train
-from ..unet import UNetConfig
+from ..unet import FLOWS, UNetConfig
 from . import components
 
 WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")  # the shipped toy (minivd.load())
@@ -69,6 +70,21 @@ def choose_guidance(folder, judge):
     with open(path, "w") as f:
         json.dump(info, f, indent=2)
     return scores
+
+
+def ship(folder, parts_dir, target=WEIGHTS):
+    """Write the trained model into `target` with float16 weights (it fits in 20 MB; minivd reads them into float32),
+    and the judge beside it (judge.safetensors, judge.json)."""
+    model = load(folder)
+    for flow in FLOWS:
+        model.prepare(flow, vae_encoder=True)
+    if os.path.isdir(target):
+        shutil.rmtree(target)
+    export.save(model, target, dtype=torch.float16)
+    for name in ("judge.safetensors", "judge.json"):
+        shutil.copy(os.path.join(parts_dir, name), os.path.join(target, name))
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(target) for f in files)
+    print(f"shipped {target}: {size / 2**20:.1f} MiB")
 
 
 def main(argv=None):
@@ -122,13 +138,7 @@ def main(argv=None):
 
     stage("evaluate", lambda: os.path.isfile(os.path.join(out, "evaluation.md")), evaluate)
     if args.ship:
-        if os.path.isdir(WEIGHTS):
-            shutil.rmtree(WEIGHTS)
-        shutil.copytree(final, WEIGHTS, ignore=shutil.ignore_patterns("*.tmp"))
-        for name in ("judge.safetensors", "judge.json"):
-            shutil.copy(os.path.join(parts_dir, name), os.path.join(WEIGHTS, name))
-        size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(WEIGHTS) for f in files)
-        print(f"shipped {WEIGHTS}: {size / 2**20:.1f} MiB")
+        ship(final, parts_dir)
     print("stage times (s):", json.dumps(times))
     return 0
 
