@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -204,6 +205,8 @@ def main(argv=None):
     stderr and exit status 2; any other error is one line too, exit status 1 (MINIVD_TRACEBACK=1 shows its traceback)."""
     p = parser()
     args = p.parse_args(argv)
+    show_warning = warnings.formatwarning  # a warning is one line too, without the source line that looks like a traceback
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
     try:
         return run(args, p)
     except (ValueError, TypeError, FileNotFoundError, FloatingPointError, OSError) as e:
@@ -217,6 +220,8 @@ def main(argv=None):
             raise
         print(f"error: {type(e).__name__}: {e} (MINIVD_TRACEBACK=1 shows where)", file=sys.stderr)
         return 1
+    finally:
+        warnings.formatwarning = show_warning
 
 
 if __name__ == "__main__":

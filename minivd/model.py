@@ -98,8 +98,8 @@ class VDConfig:
                 raise ValueError(f"{name(a)}: {key_a} {value_a} differs from the {PARTS[b]}'s {key_b} {value_b} "
                                  f"({name(b)})")
         if tokenizer.max_length > self.text.max_position_embeddings:
-            raise ValueError(f"{name('tokenizer')}: model_max_length {tokenizer.max_length} is more than the "
-                             f"max_position_embeddings {self.text.max_position_embeddings} of {name('text')}")
+            raise ValueError(f"{name('tokenizer')}: model_max_length (tokenizer_config.json) {tokenizer.max_length} is "
+                             f"more than the max_position_embeddings {self.text.max_position_embeddings} of {name('text')}")
         if max(tokenizer.vocab.values()) >= self.text.vocab_size:
             raise ValueError(f"{name('tokenizer')}: vocab.json has ids up to {max(tokenizer.vocab.values())}, beyond "
                              f"the vocab_size {self.text.vocab_size} of {name('text')}")

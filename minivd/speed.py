@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import weights_loader
 
 from .attention import Attention, attend
-from .vae import latents_to_images
+from .vae import latents_to_images, to_unit_range
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Reading weights with one copy
@@ -39,8 +39,8 @@ class LeanTensorFile(weights_loader.TensorFile):
     safetensors: the copy reads through this object's own private memory map of the file, whose pages are dropped
     (madvise) after each copy. Zero-copy tensors (CPU, stored dtype) still come from safetensors' own map: if both
     came from one map, dropping the pages of a cast tensor could also drop a shared page of a zero-copy neighbour.
-    Pickles (.bin, .pth) that torch.load memory-mapped: after the copy, the pages that lie wholly inside the tensor's
-    stored bytes are dropped from torch's map (its neighbours' pages are left alone). Without that, every stored
+    Pickles (.bin, .pth) that torch.load memory-mapped: after the copy, the pages that lie wholly inside the stored
+    tensor's bytes are dropped from torch's map (pages it shares with a neighbour are left alone). Without that, every stored
     tensor read stays resident next to its cast copy until the file is closed (fp16 files read into fp32: half as
     much again). Where madvise is missing, the pages go when this object is dropped.
     """
@@ -87,15 +87,15 @@ class LeanTensorFile(weights_loader.TensorFile):
 
 
 def drop_pages(tensor):
-    """Drop the memory pages that lie wholly inside `tensor`'s storage, a view of a private file map (torch.load's
+    """Drop the memory pages that lie wholly inside `tensor`'s bytes, a view of a private file map (torch.load's
     mmap): they are read from the file again if touched. Only for clean pages of a file map: on other memory,
     MADV_DONTNEED would discard data."""
     libc = glibc()
-    if libc is None or not hasattr(mmap, "MADV_DONTNEED"):
+    if libc is None or not hasattr(mmap, "MADV_DONTNEED") or tensor.numel() == 0:
         return
-    storage = tensor.untyped_storage()
-    begin = -(-storage.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE  # round in: the pages neighbours share stay
-    end = (storage.data_ptr() + storage.nbytes()) // mmap.PAGESIZE * mmap.PAGESIZE
+    extent = 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))  # elements spanned
+    begin = -(-tensor.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE  # rounded in: pages shared with neighbours stay
+    end = (tensor.data_ptr() + extent * tensor.element_size()) // mmap.PAGESIZE * mmap.PAGESIZE
     if end > begin:
         libc.madvise(ctypes.c_void_p(begin), ctypes.c_size_t(end - begin), mmap.MADV_DONTNEED)
 
@@ -181,7 +181,7 @@ def decode_images(model, latents):
     def run(z):
         if tile is None or (z.shape[2] * model.vae_factor <= tile and z.shape[3] * model.vae_factor <= tile):
             return latents_to_images(vae, z)
-        return (decode_tiled(vae, z / scale, tile // model.vae_factor) / 2 + 0.5).clamp(0, 1)
+        return to_unit_range(decode_tiled(vae, z / scale, tile // model.vae_factor))
 
     return float16_guarded(run, latents, [vae.post_quant_conv, vae.decoder], dtype == torch.float16 and vae.cfg.force_upcast).float()
 

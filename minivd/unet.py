@@ -120,13 +120,14 @@ class UNetConfig:
                 raise ValueError(f"text_unet out_channels {text_cfg['out_channels']!r} differs from in_channels {in_ch!r}")
             second = text_cfg.get("second_dim", 4)
             kwargs["second_dim"] = second[0] if isinstance(second, (list, tuple)) and second else second
-            if image_cfg is not None:
-                other = cls.from_hf_config(None, text_cfg)
-                for key in ("block_out_channels", "layers_per_block", "attention_levels", "heads", "context_dim",
-                            "norm_groups", "norm_eps"):
-                    if getattr(other, key) != kwargs[key]:
-                        raise ValueError(f"image_unet and text_unet configs disagree on {key}")
-        return cls(**kwargs)
+        config = cls(**kwargs)  # checks the values
+        if image_cfg is not None and text_cfg is not None:
+            other = cls.from_hf_config(None, text_cfg)
+            for key in ("block_out_channels", "layers_per_block", "attention_levels", "heads", "context_dim",
+                        "norm_groups", "norm_eps"):
+                if getattr(other, key) != getattr(config, key):
+                    raise ValueError(f"image_unet and text_unet configs disagree on {key}")
+        return config
 
 
 # diffusers UNet settings and the values minivd implements (VD's): anything else is refused. [image, text] where the

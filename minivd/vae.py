@@ -61,7 +61,8 @@ class VAEConfig:
         for key in ("use_quant_conv", "use_post_quant_conv", "mid_block_attention", "force_upcast"):
             checks.flag(getattr(self, key), key)
         if any(c % groups for c in channels):
-            raise ValueError(f"block_out_channels {list(channels)} must be multiples of norm_groups (norm_num_groups) {groups}")
+            raise ValueError(f"block_out_channels {list(channels)} must be multiples of norm_groups (norm_num_groups) "
+                             f"{groups}")
 
     @classmethod
     def from_hf_config(cls, config):
@@ -259,7 +260,13 @@ class AutoencoderKL(nn.Module):
 def latents_to_images(vae, latents):
     """Diffusion latents (B, L, h, w), scaled by scaling_factor -> images (B, 3, 8h, 8w) in [0, 1]."""
     images = vae.decode(latents / vae.cfg.scaling_factor)
-    return (images / 2 + 0.5).clamp(0, 1)
+    return to_unit_range(images)
+
+
+def to_unit_range(images):
+    """[-1, 1] -> [0, 1], clamped. An inf (an overflow, a bad weight) becomes NaN, not a saturated 0 or 1, so that
+    whoever checks the result sees it."""
+    return (images / 2 + 0.5).nan_to_num(nan=float("nan"), posinf=float("nan"), neginf=float("nan")).clamp(0, 1)
 
 
 def images_to_latents(vae, images):
