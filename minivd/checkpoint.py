@@ -329,7 +329,7 @@ class Checkpoint:
 
     def problems(self):
         """Every missing, unexpected, mis-shaped or wrongly typed tensor of every weights file, as lines. Each module
-        is built (as shapes) with no more tensors than its file holds."""
+        is built (as shapes) with at most about twice the tensors its file holds."""
         problems = []
         for component in self.components():
             try:

@@ -164,6 +164,10 @@ def test_a_numpy_integer_is_a_seed():
         got = minivd.generate("text-to-image", model=model, prompt="a fox", seed=seed, output="np", **SMALL)
         assert np.array_equal(got, want), type(seed)
     minivd.generate("text-to-image", model=model, prompt="a fox", seed=np.uint64(2**64 - 1), **SMALL)
+    numpy_sizes = dict(steps=np.int64(2), height=np.int64(64), width=np.int32(64), num_images=np.int8(1),
+                       guidance_scale=np.float32(7.5))  # numpy numbers elsewhere too
+    got = minivd.generate("text-to-image", model=model, prompt="a fox", seed=7, output="np", **numpy_sizes)
+    assert np.array_equal(got, want)
     for bad in (-1, 2**64, 1.5, True, "7"):
         with pytest.raises(ValueError, match="seed must be an integer"):
             minivd.generate("text-to-image", model=model, prompt="a fox", seed=bad, **SMALL)
