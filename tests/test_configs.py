@@ -96,6 +96,14 @@ def test_a_bad_value_is_refused_naming_its_file_and_key(edit, file, change, key)
     refused(folder, path, key)
 
 
+@pytest.mark.parametrize("file", [UNET, "text_unet/config.json", VAE, TEXT, VISION, PREPROCESS, TOKENIZER,
+                                  "tokenizer/special_tokens_map.json", "scheduler/scheduler_config.json",
+                                  "optimus/config.json"])
+def test_a_config_file_holding_a_list_is_refused_naming_it(edit, file):
+    folder, path = edit(file, lambda config: [config])
+    refused(folder, path, "JSON object")
+
+
 @pytest.mark.parametrize("file, change, names", [
     (VAE, setter(latent_channels=8), ["latent_channels 8", "image_channels (in_channels) 4", UNET]),
     (PREPROCESS, setter(crop_size={"height": 200, "width": 200}, size={"shortest_edge": 200}),
