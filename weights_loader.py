@@ -273,7 +273,7 @@ class TensorFile:
                 raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
             self._info = {k: (tuple(shape), dtype) for k, (dtype, shape, _) in self._entries.items()}
         else:
-            self._file = load_pickle(path)
+            self._file, self.mapped = load_pickle(path, mapped=True)  # mapped: views of torch.load's map of the file
             self._info = {k: (tuple(v.shape), v.dtype) for k, v in self._file.items()}
 
     def keys(self):
@@ -359,15 +359,16 @@ def read_safetensors_header(path):
     return entries, 8 + n
 
 
-def load_pickle(path):
-    """torch.load restricted to tensors (weights_only=True), memory-mapped where the file format allows."""
+def load_pickle(path, mapped=False):
+    """torch.load restricted to tensors (weights_only=True), memory-mapped where the file format allows.
+    Returns the state dict, or with `mapped` (state dict, whether its tensors are views of a map of the file)."""
     try:
         try:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            sd, is_mapped = torch.load(path, map_location="cpu", weights_only=True, mmap=True), True
         except RuntimeError as e:
             if "mmap" not in str(e):
                 raise
-            sd = torch.load(path, map_location="cpu", weights_only=True)  # legacy (pre-zip) format: no mmap
+            sd, is_mapped = torch.load(path, map_location="cpu", weights_only=True), False  # legacy (pre-zip) format
     except pickle.UnpicklingError as e:
         raise ValueError(
             f"refusing to load {path}: the pickle holds objects other than tensors (it may try to run code). "
@@ -379,7 +380,7 @@ def load_pickle(path):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
         raise ValueError(f"{path} does not hold a flat dict of named tensors")
-    return sd
+    return (sd, is_mapped) if mapped else sd
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -97,7 +98,7 @@ def open_image(path, flag):
             return im.convert("RGB")
     except FileNotFoundError:
         raise ValueError(f"{flag} {path}: no such file") from None
-    except (UnidentifiedImageError, OSError) as e:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
         raise ValueError(f"{flag} {path}: not an image Pillow can read ({e})") from None
 
 
@@ -152,14 +153,14 @@ def run(args, p):
         p.error("edit needs --image")
     text_options = dict(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                         max_length=args.max_length)
+    count = (max(n, 1) if args.mode != "multi-context" else 1) * args.num_images
+    paths = [] if args.mode in TEXT_MODES else output_paths(args.out, 1 if args.mode == "edit" else count)
     model = minivd.load(args.weights, device=args.device, dtype=getattr(torch, args.dtype))
     if args.weights is None:
         print(f"minivd: no --weights given: running the built-in model, {model.config.description}", file=sys.stderr)
     if args.low_memory:
         model.enable_low_memory()
     steps = args.steps or model.config.defaults.steps
-    count = (max(n, 1) if args.mode != "multi-context" else 1) * args.num_images
-    paths = [] if args.mode in TEXT_MODES else output_paths(args.out, 1 if args.mode == "edit" else count)
     start = time.time()
     if args.mode == "edit":
         result, sentence = minivd.edit_image(images[0], model=model, remove=args.remove, add=args.add,
@@ -200,9 +201,12 @@ def run(args, p):
 
 
 def main(argv=None):
-    """The command; a mistake in the arguments, the files or the settings is one line on stderr and exit status 2."""
+    """The command (also the installed `minivd`): a mistake in the arguments, the files or the settings is one line on
+    stderr and exit status 2; any other error is one line too, exit status 1 (MINIVD_TRACEBACK=1 shows its traceback)."""
     p = parser()
     args = p.parse_args(argv)
+    show_warning = warnings.formatwarning  # a warning is one line too, without the source line that looks like a traceback
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
     try:
         return run(args, p)
     except (ValueError, TypeError, FileNotFoundError, FloatingPointError, OSError) as e:
@@ -211,6 +215,13 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a failure minivd did not foresee (out of memory, a torch error): still one line
+        if os.environ.get("MINIVD_TRACEBACK"):
+            raise
+        print(f"error: {type(e).__name__}: {e} (MINIVD_TRACEBACK=1 shows where)", file=sys.stderr)
+        return 1
+    finally:
+        warnings.formatwarning = show_warning
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ Networks are built as shapes on the meta device (no memory, no random fills) and
 `weights_loader`, which holds the key-mapping rules.
 """
 
+import dataclasses
 import json
 import os
 import warnings
@@ -42,7 +43,8 @@ from torch.overrides import TorchFunctionMode
 
 import weights_loader
 
-from .clip import CLIPTextConfig, CLIPVisionConfig, ImagePreprocessConfig
+from . import checks
+from .clip import CLIPTextConfig, CLIPVisionConfig, ImagePreprocessConfig, clip_tower_config
 from .ddim import DDIMConfig
 from .model import MODULES, Defaults, VDConfig, VersatileDiffusion, build_network, flow_parts
 from .optimus import Optimus, OptimusConfig, bert_tokenizer, gpt2_tokenizer
@@ -56,13 +58,19 @@ ORIGINAL_FILES = {"unet": ("vd-four-flow-v1-0", "vd-four-flow-v1-0-fp16"), "vae"
 CLIP_FOLDER = "clip-vit-large-patch14"
 WEIGHT_EXTENSIONS = (".safetensors", ".pth")
 OPTIMUS_VOCABS = {"vocab.txt": "bert-base-cased-vocab.txt", "vocab.json": "gpt2-vocab.json", "merges.txt": "gpt2-merges.txt"}
+MAX_CONFIG_BYTES = 2**24  # 16 MiB: VD's largest config file (a vocabulary) has 1.6 MB
 
 
 class ShapesOnly(TorchFunctionMode):
     """Inside this mode (with `torch.device("meta")`), building a module skips the random fills of its parameters:
     on the meta device there is nothing to fill, and meta-device `normal_` would import torch's compiler stack (about
-    a second). It skips every in-place method (`normal_`, `uniform_`, ...) on a meta tensor. Torch function modes
-    belong to the thread that enters them: nothing outside this block or thread changes."""
+    a second). It skips every in-place method (`normal_`, `uniform_`, ...) on a meta tensor. Building more than
+    `limit` tensors is a ValueError: a config far larger than its weights file is refused before it is built whole.
+    Torch function modes belong to the thread that enters them: nothing outside this block or thread changes."""
+
+    def __init__(self, limit=None, what=""):
+        super().__init__()
+        self.limit, self.what, self.count = limit, what, 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -70,7 +78,12 @@ class ShapesOnly(TorchFunctionMode):
         target = args[0] if args else kwargs.get("tensor")
         if name.endswith("_") and not name.startswith("_") and isinstance(target, torch.Tensor) and target.is_meta:
             return target
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        self.count += isinstance(out, torch.Tensor)  # a new tensor (parameters and buffers are made by empty, zeros)
+        if self.limit is not None and self.count > self.limit:
+            raise ValueError(f"{self.what}: the config describes more than {self.limit} tensors, far more than this "
+                             "weights file holds: stopped building it (is a size in the config wrong?)")
+        return out
 
 
 def find_file(folder, names, subfolders=("", "pretrained_pth")):
@@ -112,6 +125,8 @@ def detect_layout(folder):
 def read_json(path, what):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"missing {what}: {path}")
+    if os.path.getsize(path) > MAX_CONFIG_BYTES:
+        raise ValueError(f"{path} has {os.path.getsize(path)} bytes: too large for a {what}")
     with open(path, encoding="utf-8") as f:
         try:
             return json.load(f)
@@ -126,14 +141,14 @@ def parse_config(path, what, parse, *dicts):
             raise ValueError(f"{path}: the {what} must be a JSON object, got {type(d).__name__}")
     try:
         return parse(*dicts)
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
         detail = f"missing key {e}" if isinstance(e, KeyError) else str(e)
         raise ValueError(f"{path}: bad {what}: {detail}") from None
 
 
 def config_from_fields(cls, values, where):
     """A config dataclass from a dict of some of its fields (the rest keep VD's defaults); JSON lists become
-    tuples where the field is a tuple. Unknown fields are an error."""
+    tuples where the field is a tuple. Unknown fields are an error; the dataclass checks the values."""
     if not isinstance(values, dict):
         raise ValueError(f"{where} must be a JSON object of {cls.__name__} fields, got {type(values).__name__}")
     known = set(cls.__dataclass_fields__)
@@ -145,24 +160,18 @@ def config_from_fields(cls, values, where):
                   for k, v in values.items()})
 
 
-def clip_tower_config(config, tower):
-    """The "text_config" / "vision_config" of a transformers CLIPModel config.json as transformers reads it: updated
-    by the "text_config_dict" / "vision_config_dict" that older files (openai's) also carry, with the model's
-    projection_dim (CLIPModel sizes both projections by the top-level value). A one-tower config is returned as is."""
-    sub = {**config.get(f"{tower}_config", config), **config.get(f"{tower}_config_dict", {})}
-    if "projection_dim" in config:
-        sub["projection_dim"] = config["projection_dim"]
-    return sub
-
-
 def describe(folder):
     """description and Defaults from the folder's optional minivd.json."""
     path = os.path.join(folder, "minivd.json")
     info = read_json(path, "minivd.json") if os.path.isfile(path) else {}
     if not isinstance(info, dict) or set(info) - {"description", "defaults"}:
         raise ValueError(f"{path} must be a JSON object with the keys 'description' and/or 'defaults'")
-    defaults = config_from_fields(Defaults, info.get("defaults", {}), f"{path} 'defaults'")
-    return str(info.get("description", "Versatile Diffusion")), defaults
+    defaults = parse_config(path, "'defaults'", lambda i: config_from_fields(Defaults, i.get("defaults", {}), "'defaults'"),
+                            info)
+    description = info.get("description", "Versatile Diffusion")
+    if not isinstance(description, str):
+        raise ValueError(f"{path}: 'description' must be a string, got {description!r}")
+    return description, defaults
 
 
 class Checkpoint:
@@ -174,13 +183,10 @@ class Checkpoint:
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"no such checkpoint folder: {folder}")
         self.folder, self.layout = folder, detect_layout(folder)
+        self.files = {}  # config name -> the file it was read from, for messages
         self.config, self.tokenizer = self.diffusers_configs() if self.layout == "diffusers" else self.original_configs()
         self.config.description, self.config.defaults = describe(folder)
-        context_dim = self.config.unet.context_dim
-        for tower, cfg in (("text", self.config.text), ("vision", self.config.vision)):
-            if cfg.projection_dim != context_dim:
-                raise ValueError(f"{folder}: the CLIP {tower} projection_dim {cfg.projection_dim} differs from the "
-                                 f"UNet's context_dim {context_dim}")
+        self.config.check(self.tokenizer, dict(self.files, defaults=os.path.join(folder, "minivd.json")))
 
     def diffusers_configs(self):
         """Configs and tokenizer of a diffusers-layout folder, from its config files."""
@@ -188,17 +194,23 @@ class Checkpoint:
         read = lambda path, what, parse: parse_config(path, what, parse, read_json(path, what))
         unets = {name: read_json(sub(name, "config.json"), f"{name} config") if os.path.isdir(sub(name)) else None
                  for name in UNET_FILES["diffusers"]}
+        if unets["text_unet"] is not None:  # its own errors name its own file
+            parse_config(sub("text_unet", "config.json"), "UNet config", lambda t: UNetConfig.from_hf_config(None, t),
+                         unets["text_unet"])
         unet_path = sub("image_unet" if unets["image_unet"] is not None else "text_unet", "config.json")
         scheduler = sub("scheduler", "scheduler_config.json")
+        self.files = dict(unet=unet_path, vae=sub("vae", "config.json"), text=sub("text_encoder", "config.json"),
+                          vision=sub("image_encoder", "config.json"), tokenizer=sub("tokenizer"),
+                          image_preprocess=sub("image_feature_extractor", "preprocessor_config.json"))
         config = VDConfig(
             unet=parse_config(unet_path, "UNet config", UNetConfig.from_hf_config, unets["image_unet"], unets["text_unet"]),
-            vae=read(sub("vae", "config.json"), "VAE config", VAEConfig.from_hf_config),
-            text=read(sub("text_encoder", "config.json"), "CLIP text config", CLIPTextConfig.from_hf_config),
-            vision=read(sub("image_encoder", "config.json"), "CLIP vision config", CLIPVisionConfig.from_hf_config),
-            image_preprocess=read(sub("image_feature_extractor", "preprocessor_config.json"), "image preprocessor config",
+            vae=read(self.files["vae"], "VAE config", VAEConfig.from_hf_config),
+            text=read(self.files["text"], "CLIP text config", CLIPTextConfig.from_hf_config),
+            vision=read(self.files["vision"], "CLIP vision config", CLIPVisionConfig.from_hf_config),
+            image_preprocess=read(self.files["image_preprocess"], "image preprocessor config",
                                   ImagePreprocessConfig.from_hf_config),
-            scheduler=read(scheduler, "scheduler config", DDIMConfig.from_hf_config) if os.path.isfile(scheduler)
-            else DDIMConfig(),
+            scheduler=read(scheduler, "scheduler config", lambda c: DDIMConfig.from_hf_config(c, scheduler))
+            if os.path.isfile(scheduler) else DDIMConfig(),
         )
         return config, CLIPTokenizer.from_folder(sub("tokenizer"))
 
@@ -217,11 +229,15 @@ class Checkpoint:
         clip_path = os.path.join(clip, "config.json")
         clip_config = read_json(clip_path, "CLIP config")
         preprocess_path = os.path.join(clip, "preprocessor_config.json")
+        self.files = dict(unet=path, vae=path, text=clip_path, vision=clip_path, tokenizer=clip,
+                          image_preprocess=preprocess_path)
         tower = lambda name, cls: parse_config(clip_path, f"CLIP {name} config",
                                                lambda c: cls.from_hf_config(clip_tower_config(c, name)), clip_config)
+        part = lambda key, cls: parse_config(path, f"'{key}'", lambda s: config_from_fields(cls, s.get(key, {}), f"'{key}'"),
+                                             sizes)
         config = VDConfig(
-            unet=parse_config(path, "'unet'", lambda s: config_from_fields(UNetConfig, s.get("unet", {}), f"{path} 'unet'"), sizes),
-            vae=parse_config(path, "'vae'", lambda s: config_from_fields(VAEConfig, s.get("vae", {}), f"{path} 'vae'"), sizes),
+            unet=part("unet", UNetConfig),
+            vae=part("vae", VAEConfig),
             text=tower("text", CLIPTextConfig),
             vision=tower("vision", CLIPVisionConfig),
             image_preprocess=parse_config(preprocess_path, "CLIP image preprocessor config",
@@ -284,13 +300,16 @@ class Checkpoint:
         tf, _ = self.open("optimus", files)
         path = os.path.join(self.folder, "optimus", "config.json")
         settings = read_json(path, "Optimus config") if os.path.isfile(path) else {}
-        config = parse_config(path, "Optimus config", lambda s: OptimusConfig.from_state_dict(
-            {k: torch.empty(tf.shape(k), device="meta") for k in tf.keys()}, head_dim=s.get("head_dim", 64)), settings)
-        for key, value in settings.items():  # sizes no tensor shape tells (head counts)
-            if key != "head_dim":
-                if key not in OptimusConfig.__dataclass_fields__:
-                    raise ValueError(f"{path}: unknown OptimusConfig field {key!r}")
-                setattr(config, key, value)
+        head_dim = parse_config(path, "Optimus config", lambda s: checks.integer(s.get("head_dim", 64), "head_dim"),
+                                settings)
+        shapes = {k: torch.empty(tf.shape(k), device="meta") for k in tf.keys()}
+        config = parse_config(tf.path, "Optimus weights", lambda sd: OptimusConfig.from_state_dict(sd, head_dim), shapes)
+        settings = {k: v for k, v in settings.items() if k != "head_dim"}  # sizes no tensor shape tells (head counts)
+        config = parse_config(path, "Optimus config", lambda s: dataclasses.replace(config, **s), settings)
+        if "text_unet" in self.components() or self.layout == "original":
+            if config.latent_dim != self.config.unet.text_channels:
+                raise ValueError(f"{tf.path}: the Optimus latent has {config.latent_dim} numbers, the text UNet's "
+                                 f"text_channels (in_channels) {self.config.unet.text_channels} ({self.files['unet']})")
         if not tokenizers:
             return config, (None, None)
         vocabs = find_optimus(self.folder)[1]
@@ -298,23 +317,35 @@ class Checkpoint:
         if missing:
             raise FileNotFoundError(f"the Optimus vocabularies are missing from {self.folder}: {', '.join(missing)} "
                                     "(they ship with the original code, lib/model_zoo/optimus_models/vocab/)")
-        return config, (bert_tokenizer(vocabs["vocab.txt"]), gpt2_tokenizer(vocabs["vocab.json"], vocabs["merges.txt"]))
+        try:
+            bert, gpt2 = bert_tokenizer(vocabs["vocab.txt"]), gpt2_tokenizer(vocabs["vocab.json"], vocabs["merges.txt"])
+        except Exception as e:  # the tokenizers library raises plain Exceptions for malformed files
+            raise ValueError(f"the Optimus vocabularies {', '.join(vocabs.values())} could not be read: {e}") from None
+        if bert.get_vocab_size() > config.encoder_vocab_size or gpt2.get_vocab_size() != config.decoder_vocab_size:
+            raise ValueError(f"{vocabs['vocab.txt']} ({bert.get_vocab_size()} word pieces) and {vocabs['vocab.json']} "
+                             f"({gpt2.get_vocab_size()} with <PAD> <BOS> <EOS>) do not fit the {config.encoder_vocab_size}"
+                             f" and {config.decoder_vocab_size} embeddings of {tf.path}")
+        return config, (bert, gpt2)
 
     def problems(self):
-        """Every missing, unexpected, mis-shaped or wrongly typed tensor of every weights file, as lines."""
+        """Every missing, unexpected, mis-shaped or wrongly typed tensor of every weights file, as lines. Each module
+        is built (as shapes) with at most about twice the tensors its file holds."""
         problems = []
         for component in self.components():
             try:
                 files = {}
-                with ShapesOnly(), torch.device("meta"):
+                source = self.open(component, files)
+                optimus = self.optimus_parts(files, tokenizers=False)[0] if component == "optimus" else None
+                limit = 2 * len(source[0].keys()) + 64  # a near miss gets plan's report; a config far too big stops
+                with ShapesOnly(limit, source[0].path), torch.device("meta"):
                     if component in UNET_FILES[self.layout]:
                         kinds = ("image", "text") if component == "unet" else (component.split("_")[0],)
                         module = DualContextUNet(self.config.unet, data=kinds, context=kinds)
                     elif component == "optimus":
-                        module = Optimus(self.optimus_parts(files, tokenizers=False)[0], None, None)
+                        module = Optimus(optimus, None, None)
                     else:
                         module = build_network(self.config, component)
-                problems += [f"{component}: {p}" for p in weights_loader.plan(module, [self.open(component, files)])[1]]
+                problems += [f"{component}: {p}" for p in weights_loader.plan(module, [source])[1]]
             except (ValueError, FileNotFoundError, KeyError) as e:
                 problems.append(f"{component}: {e}")
         return problems
@@ -358,9 +389,8 @@ class Checkpoint:
 
 def resolve_dtype(dtype):
     """A torch floating dtype from a dtype or its name ("float16", "bfloat16", "float32")."""
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None) if dtype in ("float16", "bfloat16", "float32", "float64", "half", "float") \
-            else dtype
+    if isinstance(dtype, str) and dtype in ("float16", "bfloat16", "float32", "float64", "half", "float"):
+        dtype = getattr(torch, dtype)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating torch dtype or its name (float32, float16, bfloat16), got {dtype!r}")
     return dtype
@@ -377,8 +407,8 @@ def resolve_device(device):
             raise ValueError(f"device {str(device)!r}: this machine has no CUDA GPU (torch {torch.__version__})")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
-    elif device.type not in ("cpu", "meta") and not getattr(torch, device.type, None):
-        raise ValueError(f"device {str(device)!r} is not available in this PyTorch build")
+    elif device.type not in ("cpu", "meta") and not getattr(getattr(torch, device.type, None), "is_available", bool)():
+        raise ValueError(f"device {str(device)!r} is not available on this machine or in this PyTorch build")
     return device
 
 
@@ -387,6 +417,9 @@ def load(path=None, device="cpu", dtype=torch.float32, flows=()):
     is checked now (names and shapes, no tensor data); the networks are read when a flow first needs them, or now for
     `flows`. path None: $MINIVD_WEIGHTS if set, else the built-in model (no download)."""
     device, dtype = resolve_device(device), resolve_dtype(dtype)
+    flows = [flows] if isinstance(flows, str) else list(flows)
+    for flow in flows:
+        flow_parts(flow)  # an unknown flow is an error now, before anything is read
     if path is None:
         path = os.environ.get("MINIVD_WEIGHTS") or None
     if path is None:

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from minivd import checks
 from minivd.attention import Attention
 
 ACTIVATIONS = {
@@ -34,9 +35,20 @@ ACTIVATIONS = {
 
 
 def _check_activation(name):
-    if name not in ACTIVATIONS:
+    if not isinstance(name, str) or name not in ACTIVATIONS:
         raise ValueError(f"unsupported hidden_act {name!r}; supported: {', '.join(ACTIVATIONS)}")
     return name
+
+
+def _check_sizes(cfg, sizes):
+    """The sizes both towers have, and `sizes`: positive integers; heads that divide the width; a known activation."""
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "projection_dim", *sizes):
+        checks.integer(getattr(cfg, key), key)
+    checks.real(cfg.layer_norm_eps, "layer_norm_eps", positive=True)
+    _check_activation(cfg.hidden_act)
+    if cfg.hidden_size % cfg.num_attention_heads:
+        raise ValueError(f"hidden_size {cfg.hidden_size} is not divisible by {cfg.num_attention_heads} heads "
+                         "(num_attention_heads)")
 
 
 def _read_fields(cls, config, optional):
@@ -46,6 +58,17 @@ def _read_fields(cls, config, optional):
     if missing:
         raise ValueError(f"{cls.__name__}: the config has no {', '.join(missing)}")
     return {name: config.get(name, optional.get(name)) for name in cls.__dataclass_fields__}
+
+
+def clip_tower_config(config, tower):
+    """The "text_config" / "vision_config" of a transformers CLIPModel config.json as transformers reads it: updated
+    by the "text_config_dict" / "vision_config_dict" that older files (openai's) also carry, with the model's
+    projection_dim (CLIPModel sizes both projections by the top-level value). A one-tower config is returned as is."""
+    sub = {**config.get(f"{tower}_config", config), **config.get(f"{tower}_config_dict", {})}
+    if "projection_dim" in config:
+        sub["projection_dim"] = config["projection_dim"]
+    return sub
+
 
 
 @dataclass
@@ -78,9 +101,8 @@ class CLIPTextConfig:
         return cls(**_read_fields(cls, config, optional={"eos_token_id": 49407}))
 
     def __post_init__(self):
-        _check_activation(self.hidden_act)
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by {self.num_attention_heads} heads")
+        _check_sizes(self, ("vocab_size", "max_position_embeddings"))
+        checks.integer(self.eos_token_id, "eos_token_id", low=0, high=self.vocab_size - 1)
 
 
 @dataclass
@@ -110,9 +132,8 @@ class CLIPVisionConfig:
         return cls(**_read_fields(cls, config, optional={"num_channels": 3}))
 
     def __post_init__(self):
-        _check_activation(self.hidden_act)
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by {self.num_attention_heads} heads")
+        _check_sizes(self, ("image_size", "patch_size"))
+        checks.integer(self.num_channels, "num_channels", low=3, high=3)  # RGB pixels
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
 
@@ -248,6 +269,18 @@ class ImagePreprocessConfig:
     def __post_init__(self):
         if self.crop_size is None:
             self.crop_size = self.size
+        size = checks.integer(self.size, "size (shortest_edge)")
+        crop = checks.integer(self.crop_size, "crop_size")
+        if crop > size:
+            raise ValueError(f"crop_size {crop} is larger than size (shortest_edge) {size}, the resized short side")
+        if size > 4 * crop:  # the resize would cost memory for pixels the crop throws away
+            raise ValueError(f"size (shortest_edge) {size} is more than 4 x crop_size {crop}")
+        for key in ("mean", "std"):
+            values = getattr(self, key)
+            if not isinstance(values, (list, tuple)) or len(values) != 3:
+                raise ValueError(f"{key} (image_{key}) must be 3 numbers (R, G, B), got {values!r}")
+            for i, v in enumerate(values):
+                checks.real(v, f"{key}[{i}] (image_{key})", positive=key == "std")
 
     @classmethod
     def from_hf_config(cls, config):
@@ -255,22 +288,23 @@ class ImagePreprocessConfig:
         ("size": 224) or new ("size": {"shortest_edge": 224}, "crop_size": {"height": 224, "width": 224}) style."""
         size, crop = config.get("size", 224), config.get("crop_size", None)
         if isinstance(size, dict):
-            if "shortest_edge" not in size:
+            if set(size) != {"shortest_edge"}:
                 raise ValueError(f"only short-side resizing ('shortest_edge') is supported, got size={size}")
             size = size["shortest_edge"]
         if isinstance(crop, dict):
-            if crop.get("height") != crop.get("width"):
+            if set(crop) != {"height", "width"} or crop["height"] != crop["width"]:
                 raise ValueError(f"only square centre crops are supported, got crop_size={crop}")
             crop = crop["height"]
         for flag in ("do_resize", "do_center_crop", "do_rescale", "do_normalize"):
-            if config.get(flag, True) is False:
+            if checks.flag(config.get(flag, True), flag) is False:
                 raise ValueError(f"{flag}=false is not supported (CLIP always resizes, crops, rescales, normalizes)")
-        if config.get("resample", 3) != 3:
-            raise ValueError(f"only bicubic resampling (resample=3) is supported, got {config['resample']}")
-        if abs(config.get("rescale_factor", 1 / 255) - 1 / 255) > 1e-12:
+        if config.get("resample", 3) != 3 or isinstance(config.get("resample"), bool):
+            raise ValueError(f"only bicubic resampling (resample=3) is supported, got {config['resample']!r}")
+        if abs(checks.real(config.get("rescale_factor", 1 / 255), "rescale_factor") - 1 / 255) > 1e-12:
             raise ValueError(f"only rescale_factor 1/255 is supported, got {config['rescale_factor']}")
         mean, std = config.get("image_mean", OPENAI_CLIP_MEAN), config.get("image_std", OPENAI_CLIP_STD)
-        return cls(size=int(size), crop_size=None if crop is None else int(crop), mean=tuple(mean), std=tuple(std))
+        return cls(size=size, crop_size=crop, mean=tuple(mean) if isinstance(mean, list) else mean,
+                   std=tuple(std) if isinstance(std, list) else std)
 
 
 def _to_rgb(image):

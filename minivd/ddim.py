@@ -2,7 +2,7 @@
 
 Legend: B batch; x_t the latent at timestep t, (B, 4, H/8, W/8) for images or (B, 768, 1, 1) for text.
 
-Noise schedule ("scaled linear", as in Stable Diffusion and VD):
+Noise schedule ("scaled linear", as in Stable Diffusion and VD; or a config's own trained_betas):
     beta_t = (linspace(sqrt(beta_start), sqrt(beta_end), T))_t ** 2,   alphas_cumprod_t = prod_{s<=t} (1 - beta_s)
 
 One DDIM step from t to the previous sampled timestep t' (a_t = alphas_cumprod[t]):
@@ -14,9 +14,12 @@ eta = 0 is deterministic DDIM; eta = 1 is DDPM-like.
 Classifier-free guidance: eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond).
 """
 
+import warnings
 from dataclasses import dataclass
 
 import torch
+
+from . import checks
 
 
 @dataclass
@@ -26,35 +29,73 @@ class DDIMConfig:
     beta_end: float = 0.012
     steps_offset: int = 1  # "leading" spacing shifted by 1: 50 steps -> 981, 961, ..., 1
     set_alpha_to_one: bool = False  # the last step goes to alphas_cumprod[0], not to 1
+    trained_betas: tuple = None  # the betas themselves, one per training timestep, instead of the schedule
+
+    def __post_init__(self):
+        T = checks.integer(self.num_train_timesteps, "num_train_timesteps", high=MAX_TIMESTEPS)
+        if self.trained_betas is None:
+            for key in ("beta_start", "beta_end"):  # a beta of 1 or more zeroes (or flips) every alpha after it
+                checks.real(getattr(self, key), key, high=0.999, positive=True)
+        else:
+            if not isinstance(self.trained_betas, (list, tuple)) or len(self.trained_betas) != T:
+                raise ValueError(f"trained_betas must be a list of num_train_timesteps ({T}) numbers")
+            for i, beta in enumerate(self.trained_betas):
+                checks.real(beta, f"trained_betas[{i}]", high=0.999, positive=True)
+        checks.integer(self.steps_offset, "steps_offset", low=0, high=T - 1)
+        checks.flag(self.set_alpha_to_one, "set_alpha_to_one")
+        if not torch.cumprod(1.0 - betas(self), dim=0)[-1] > 0:  # each DDIM step divides by sqrt(alphas_cumprod)
+            raise ValueError(f"the betas are too large for {T} timesteps: alphas_cumprod reaches 0 in float32")
 
     @classmethod
-    def from_hf_config(cls, cfg):
-        """From diffusers' scheduler/scheduler_config.json; refuses settings this sampler does not implement."""
-        unsupported = {
-            "beta_schedule": ("scaled_linear",),
-            "prediction_type": ("epsilon",),
-            "timestep_spacing": ("leading",),
-            "clip_sample": (False,),
-            "thresholding": (False,),
-            "rescale_betas_zero_snr": (False,),
-        }
-        for key, allowed in unsupported.items():
-            if key in cfg and cfg[key] not in allowed:
-                raise ValueError(f"scheduler {key}={cfg[key]!r} is not supported (minivd's DDIM implements {allowed[0]!r})")
+    def from_hf_config(cls, cfg, source="the scheduler config"):
+        """From diffusers' scheduler/scheduler_config.json: every DDIMScheduler setting is honoured or refused (those
+        this sampler does not implement); keys DDIMScheduler does not have are ignored, with a warning."""
+        name = cfg.get("_class_name", "DDIMScheduler")
+        if name != "DDIMScheduler":
+            raise ValueError(f"_class_name {name!r}: minivd samples with DDIM only; give a DDIMScheduler config "
+                             "(or none: VD's DDIM settings are the defaults)")
+        for key, allowed in REFUSED.items():
+            if key in cfg:
+                checks.choice(cfg[key], key, allowed)
+        ignored = sorted(k for k in cfg if not k.startswith("_") and k not in DDIM_KEYS)
+        if ignored:
+            warnings.warn(f"{source}: DDIMScheduler has no setting {', '.join(ignored)}; ignored", stacklevel=2)
+        betas = cfg.get("trained_betas")
         return cls(
             num_train_timesteps=cfg.get("num_train_timesteps", 1000),
             beta_start=cfg.get("beta_start", 0.00085),
             beta_end=cfg.get("beta_end", 0.012),
             steps_offset=cfg.get("steps_offset", 1),
             set_alpha_to_one=cfg.get("set_alpha_to_one", False),
+            trained_betas=tuple(betas) if isinstance(betas, list) else betas,
         )
+
+
+MAX_TIMESTEPS = 100_000  # training schedules have about 1000; more is a broken config, not a schedule
+REFUSED = {  # DDIMScheduler settings and the one value this sampler implements
+    "beta_schedule": ("scaled_linear",),
+    "prediction_type": ("epsilon",),
+    "timestep_spacing": ("leading",),
+    "clip_sample": (False,),
+    "thresholding": (False,),
+    "rescale_betas_zero_snr": (False,),
+}
+# and those it honours: the fields of DDIMConfig, and settings of clipping and thresholding, which are off
+DDIM_KEYS = {*DDIMConfig.__dataclass_fields__, *REFUSED, "clip_sample_range", "dynamic_thresholding_ratio",
+             "sample_max_value"}
+
+
+def betas(cfg):
+    """(T,) float32: the config's trained_betas, or the scaled linear schedule of the module docstring."""
+    if cfg.trained_betas is not None:
+        return torch.tensor(cfg.trained_betas, dtype=torch.float32)
+    return torch.linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, cfg.num_train_timesteps, dtype=torch.float32) ** 2
 
 
 class DDIM:
     def __init__(self, cfg: DDIMConfig = None):
         self.config = cfg = cfg or DDIMConfig()
-        betas = torch.linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, cfg.num_train_timesteps, dtype=torch.float32) ** 2
-        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)  # (T,)
+        self.alphas_cumprod = torch.cumprod(1.0 - betas(cfg), dim=0)  # (T,)
         self.final_alpha_cumprod = torch.tensor(1.0) if cfg.set_alpha_to_one else self.alphas_cumprod[0]
 
     def timesteps(self, steps):
@@ -62,6 +103,10 @@ class DDIM:
         if not 1 <= steps <= self.config.num_train_timesteps:
             raise ValueError(f"steps must be in [1, {self.config.num_train_timesteps}], got {steps}")
         stride = self.config.num_train_timesteps // steps
+        last = (steps - 1) * stride + self.config.steps_offset
+        if last >= self.config.num_train_timesteps:
+            raise ValueError(f"{steps} steps with steps_offset {self.config.steps_offset} would start at timestep {last}, "
+                             f"past the schedule's {self.config.num_train_timesteps}: use fewer steps")
         return (torch.arange(steps - 1, -1, -1) * stride + self.config.steps_offset).long()
 
     def alpha_prev(self, t, steps):

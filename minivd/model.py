@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from . import speed
+from . import checks, speed
 from .clip import CLIPTextConfig, CLIPTextEncoder, CLIPVisionConfig, CLIPVisionEncoder, ImagePreprocessConfig, preprocess
 from .ddim import DDIM, DDIMConfig
 from .optimus import Optimus, OptimusConfig
@@ -32,6 +32,7 @@ from .unet import FLOWS, DualContextUNet, UNetConfig
 from .vae import AutoencoderKL, VAEConfig, images_to_latents, latents_to_images
 
 MODULES = ("text_encoder", "image_encoder", "vae", "optimus")  # everything besides the UNet
+PARTS = {"unet": "UNet", "vae": "VAE", "text": "CLIP text encoder", "vision": "CLIP vision encoder"}  # in messages
 
 
 def flow_parts(flow):
@@ -54,6 +55,11 @@ class Defaults:
     steps: int = 50
     guidance_scale: float = 7.5
 
+    def __post_init__(self):
+        for key in ("height", "width", "steps"):
+            checks.integer(getattr(self, key), key, low=8 if key != "steps" else 1)
+        checks.real(self.guidance_scale, "guidance_scale", low=0)
+
 
 @dataclass
 class VDConfig:
@@ -68,6 +74,39 @@ class VDConfig:
     optimus: OptimusConfig = None  # None: sized from its weights file when a text flow first needs it
     defaults: Defaults = field(default_factory=Defaults)
     description: str = "Versatile Diffusion"
+
+    def check(self, tokenizer, files=None):
+        """Sizes that two configs (or a config and the CLIP tokenizer) both give must agree: a mismatch would fail only
+        at generate time. files: {"unet", "vae", "text", "vision", "image_preprocess", "tokenizer", "defaults": path}
+        names them in messages."""
+        name = lambda part: (files or {}).get(part, f"the {part} config")
+        pairs = [  # (one config, its key and value, the other config, its key and value)
+            ("text", "projection_dim", self.text.projection_dim, "unet", "context_dim (cross_attention_dim)",
+             self.unet.context_dim),
+            ("vision", "projection_dim", self.vision.projection_dim, "unet", "context_dim (cross_attention_dim)",
+             self.unet.context_dim),
+            ("vae", "latent_channels", self.vae.latent_channels, "unet", "image_channels (in_channels)",
+             self.unet.image_channels),
+            ("image_preprocess", "crop_size", self.image_preprocess.crop_size, "vision", "image_size",
+             self.vision.image_size),
+        ]
+        if self.text.eos_token_id != 2:  # 2: the legacy value, "pool the highest id" (see CLIPTextConfig)
+            pairs.append(("tokenizer", "<|endoftext|> id", tokenizer.eos_id, "text", "eos_token_id",
+                          self.text.eos_token_id))
+        for a, key_a, value_a, b, key_b, value_b in pairs:
+            if value_a != value_b:
+                raise ValueError(f"{name(a)}: {key_a} {value_a} differs from the {PARTS[b]}'s {key_b} {value_b} "
+                                 f"({name(b)})")
+        if tokenizer.max_length > self.text.max_position_embeddings:
+            raise ValueError(f"{name('tokenizer')}: model_max_length (tokenizer_config.json) {tokenizer.max_length} is "
+                             f"more than the max_position_embeddings {self.text.max_position_embeddings} of {name('text')}")
+        if max(tokenizer.vocab.values()) >= self.text.vocab_size:
+            raise ValueError(f"{name('tokenizer')}: vocab.json has ids up to {max(tokenizer.vocab.values())}, beyond "
+                             f"the vocab_size {self.text.vocab_size} of {name('text')}")
+        factor = 2 ** (len(self.vae.block_out_channels) - 1)
+        if self.defaults.height % factor or self.defaults.width % factor:
+            raise ValueError(f"{name('defaults')}: the default height and width ({self.defaults.height}, "
+                             f"{self.defaults.width}) must be multiples of {factor}, the VAE's factor")
 
 
 def build_network(config, name, flows=tuple(FLOWS), vae_encoder=True, optimus_tokenizers=(None, None)):

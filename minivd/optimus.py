@@ -27,6 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
+from . import checks
+
 GPT2_ADDED_TOKENS = ("<PAD>", "<BOS>", "<EOS>")  # ids 50257, 50258, 50259 after GPT-2's 50257 byte-level BPE tokens
 
 
@@ -53,9 +55,12 @@ class OptimusConfig:
     latent_dim: int = 768
 
     def __post_init__(self):
+        for key, value in vars(self).items():
+            checks.real(value, key, positive=True) if key.endswith("_eps") else checks.integer(value, key)
+        checks.integer(self.max_word_pieces, "max_word_pieces", high=self.encoder_positions - 2)  # + [CLS], [SEP]
         for part in ("encoder", "decoder"):
             hidden, heads = getattr(self, f"{part}_hidden"), getattr(self, f"{part}_heads")
-            if heads < 1 or hidden % heads:
+            if hidden % heads:
                 raise ValueError(f"{part}_hidden ({hidden}) must be a multiple of {part}_heads ({heads})")
 
     @classmethod
@@ -88,9 +93,7 @@ class OptimusConfig:
             raise ValueError(f"widths {enc_hidden}, {dec_hidden} are not multiples of head_dim={head_dim}")
         two_latent = find("encoder.linear.weight")[0]
         encoder_layers = count(r"^encoder\.(?:encoder\.layer|layers)\.(\d+)\.")
-        decoder_layers = count(r"^decoder\.(?:transformer\.)?h\.(\d+)\.")
-        if encoder_layers == 0 or decoder_layers == 0:
-            raise ValueError("no encoder or decoder layers found in the Optimus state dict")
+        decoder_layers = count(r"^decoder\.(?:transformer\.)?h\.(\d+)\.")  # 0 if none: refused by __post_init__
         return cls(
             encoder_vocab_size=enc_vocab, encoder_hidden=enc_hidden, encoder_layers=encoder_layers,
             encoder_heads=enc_hidden // head_dim,
@@ -324,8 +327,7 @@ class Optimus(nn.Module):
         if bert_tok is None or gpt2_tok is None:  # weights only (e.g. to check a file); encode/decode need both
             return
         if bert_tok.get_vocab_size() > config.encoder_vocab_size:
-            raise ValueError(f"BERT tokenizer has {bert_tok.get_vocab_size()} tokens, "
-                             f"encoder only {config.encoder_vocab_size}")
+            raise ValueError(f"BERT tokenizer has {bert_tok.get_vocab_size()} tokens, encoder {config.encoder_vocab_size}")
         if gpt2_tok.get_vocab_size() != config.decoder_vocab_size:
             raise ValueError(f"GPT-2 tokenizer has {gpt2_tok.get_vocab_size()} tokens (with {GPT2_ADDED_TOKENS}), "
                              f"decoder has {config.decoder_vocab_size}")
@@ -393,6 +395,8 @@ class Optimus(nn.Module):
         for _ in range(max_length - 2):
             h = self.decoder.hidden_states(z, ids)[:, -1]  # (B, C) at the last token
             logits = (h @ self.decoder.wte.weight.T).float()  # (B, V) for the next token
+            if not torch.isfinite(logits).all():
+                raise FloatingPointError("non-finite values (NaN or inf) in the Optimus decoder's logits (a weight?)")
             if greedy:
                 token = logits.argmax(dim=-1)
             else:

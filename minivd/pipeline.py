@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import extensions
+from . import checks, extensions
 from .checkpoint import load
 from .extensions import ImagePrompt
 from .model import VersatileDiffusion
@@ -72,7 +72,7 @@ def generate(mode, model=None, prompt=None, negative_prompt=None, image=None, ne
         raise ValueError(f"{mode} needs as many prompts as images, got {len(text[0])} and {n}")
     if data == "image":
         f = model.vae_factor
-        if height <= 0 or width <= 0 or height % f or width % f:
+        if checks.integer(height, "height") % f or checks.integer(width, "width") % f:
             raise ValueError(f"height and width must be positive multiples of {f}, got {height}x{width}")
         shape = (n * num_images, model.config.unet.image_channels, height // f, width // f)
     else:
@@ -158,12 +158,17 @@ def text_condition(mode, kinds, prompt, negative_prompt):
     negatives = as_list(negative_prompt, "negative_prompt", str) if negative_prompt is not None else None
     for name, texts in (("prompt", prompts), ("negative_prompt", negatives or [])):
         for i, text in enumerate(texts):
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise ValueError(f"{name}[{i}] is not valid text: {e.reason} at position {e.start} "
-                                 f"({text[max(0, e.start - 10):e.start + 10]!r})") from None
+            check_text(text, f"{name}[{i}]")
     return prompts, negatives
+
+
+def check_text(text, name):
+    """A prompt must be text a tokenizer can encode: UTF-8, so no lone surrogates (e.g. from a bad decode)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{name} is not valid text: {e.reason} at position {e.start} "
+                         f"({text[max(0, e.start - 10):e.start + 10]!r})") from None
 
 
 def image_condition(mode, kinds, image, negative_image):
@@ -351,6 +356,16 @@ def edit_image(image, model=None, remove=None, add=None, image_ratio=0.33, rank=
     pictures = as_list(image, "image", Image.Image)[:1]
     if remove is None and add is None:
         raise ValueError("edit_image needs a prompt to remove, to add, or both")
+    for name, text in (("remove", remove), ("add", add)):
+        if text is not None and not isinstance(text, str):
+            raise TypeError(f"{name} must be a string, got {type(text).__name__}")
+        if text is not None:
+            check_text(text, name)
+    checks.real(image_ratio, "image_ratio", low=0, high=1)
+    check_numbers(0.5, steps, guidance_scale, 0.0, 1, seed)  # before anything runs
+    for key, value in (("height", height), ("width", width)):
+        if checks.integer(value, key) % model.vae_factor:
+            raise ValueError(f"height and width must be positive multiples of {model.vae_factor}, got {height}x{width}")
     if guidance_scale <= 1.0:
         raise ValueError(f"edit_image uses classifier-free guidance: guidance_scale must be > 1, got {guidance_scale}")
     if output not in OUTPUTS["image"]:
@@ -361,7 +376,7 @@ def edit_image(image, model=None, remove=None, add=None, image_ratio=0.33, rank=
         model.prepare("text-variation")  # the Optimus encoder, for the prompts' latents
         encode = lambda text: model.optimus.encode([text]).to(z) if text is not None else None
         z_edit = extensions.edit_text_latent(z, encode(remove), encode(add))
-        generator = torch.Generator("cpu").manual_seed(seed) if seed is not None else None
+        generator = torch.Generator("cpu").manual_seed(int(seed)) if seed is not None else None
         sentence = model.decode_texts(z_edit, generator)[0]
 
         model.prepare("dual-guided")

@@ -4,7 +4,8 @@ Nothing here changes a float32 number, and nothing here changes process-wide sta
 
 On by default (they change no number and touch nothing outside the model):
     LeanTensorFile       reads a tensor that must be cast or moved to a GPU through a private memory map of its
-                         file and drops those pages right after, so no second copy of the weights stays behind
+                         file and drops those pages right after (safetensors and memory-mapped pickles alike), so no
+                         second copy of the weights stays behind
     decode_images        for float16 VAEs: a result that overflowed (inf/NaN) is decoded again in float32
 Opt-in:
     model.enable_low_memory(...)   LowMemory: attention in slices of query rows, tiled VAE decoding, and on a GPU
@@ -26,19 +27,22 @@ import torch.nn.functional as F
 import weights_loader
 
 from .attention import Attention, attend
-from .vae import latents_to_images
+from .vae import latents_to_images, to_unit_range
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Reading weights with one copy
 
 
 class LeanTensorFile(weights_loader.TensorFile):
-    """A TensorFile whose cast or device copies of safetensors tensors read through this object's own private memory
-    map of the file, whose pages are dropped (madvise) after each copy: only the result stays in memory.
+    """A TensorFile whose cast or device copies keep no second copy of the weights in memory: only the result stays.
 
-    Zero-copy tensors (CPU, stored dtype) still come from safetensors' own map. If both came from one map, dropping
-    the pages of a cast tensor could also drop a shared page of a zero-copy neighbour. Where madvise is missing, the
-    pages go when this object is dropped.
+    safetensors: the copy reads through this object's own private memory map of the file, whose pages are dropped
+    (madvise) after each copy. Zero-copy tensors (CPU, stored dtype) still come from safetensors' own map: if both
+    came from one map, dropping the pages of a cast tensor could also drop a shared page of a zero-copy neighbour.
+    Pickles (.bin, .pth) that torch.load memory-mapped: after the copy, the pages that lie wholly inside the stored
+    tensor's bytes are dropped from torch's map (pages it shares with a neighbour are left alone). Without that, every stored
+    tensor read stays resident next to its cast copy until the file is closed (fp16 files read into fp32: half as
+    much again). Where madvise is missing, the pages go when this object is dropped.
     """
 
     _map = None
@@ -47,7 +51,12 @@ class LeanTensorFile(weights_loader.TensorFile):
         device = torch.device(device)
         stored_dtype = self.dtype(key)
         copied = device.type != "cpu" or (dtype is not None and stored_dtype.is_floating_point and stored_dtype != dtype)
-        if isinstance(self._file, dict) or not copied:
+        if isinstance(self._file, dict):
+            t = super().get(key, device, dtype)
+            if copied and self.mapped:
+                drop_pages(self._file[key])
+            return t
+        if not copied:
             return super().get(key, device, dtype)
         try:
             t = self._mapped(key)
@@ -75,6 +84,20 @@ class LeanTensorFile(weights_loader.TensorFile):
         if end > begin and hasattr(mmap, "MADV_DONTNEED"):
             start = (self._data_start + begin) // mmap.PAGESIZE * mmap.PAGESIZE
             self._map.madvise(mmap.MADV_DONTNEED, start, self._data_start + end - start)
+
+
+def drop_pages(tensor):
+    """Drop the memory pages that lie wholly inside `tensor`'s bytes, a view of a private file map (torch.load's
+    mmap): they are read from the file again if touched. Only for clean pages of a file map: on other memory,
+    MADV_DONTNEED would discard data."""
+    libc = glibc()
+    if libc is None or not hasattr(mmap, "MADV_DONTNEED") or tensor.numel() == 0:
+        return
+    extent = 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))  # elements spanned
+    begin = -(-tensor.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE  # rounded in: pages shared with neighbours stay
+    end = (tensor.data_ptr() + extent * tensor.element_size()) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > begin:
+        libc.madvise(ctypes.c_void_p(begin), ctypes.c_size_t(end - begin), mmap.MADV_DONTNEED)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -158,7 +181,7 @@ def decode_images(model, latents):
     def run(z):
         if tile is None or (z.shape[2] * model.vae_factor <= tile and z.shape[3] * model.vae_factor <= tile):
             return latents_to_images(vae, z)
-        return (decode_tiled(vae, z / scale, tile // model.vae_factor) / 2 + 0.5).clamp(0, 1)
+        return to_unit_range(decode_tiled(vae, z / scale, tile // model.vae_factor))
 
     return float16_guarded(run, latents, [vae.post_quant_conv, vae.decoder], dtype == torch.float16 and vae.cfg.force_upcast).float()
 

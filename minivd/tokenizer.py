@@ -32,6 +32,8 @@ import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
+from . import checks
+
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
 END_OF_WORD = "</w>"
@@ -73,18 +75,47 @@ def clip_pipeline(vocab, merges, special_tokens=(BOS, EOS)):
     return backend
 
 
-def _read_merges(path):
-    """merges.txt: an optional "#version: ..." header, then one merge "left right" per line."""
+def _read_merges(path, vocab):
+    """merges.txt: an optional "#version: ..." header, then one merge "left right" per line, both halves and the
+    merged token in the vocabulary. Errors name the file and the line."""
     with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    if lines and lines[0].startswith("#version"):
-        lines = lines[1:]
-    return [tuple(line.split(" ")) for line in lines if line.strip()]
+        try:
+            lines = f.read().split("\n")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path} is not UTF-8 text: {e}") from None
+    merges = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip() or (number == 1 and line.startswith("#version")):
+            continue
+        pair = tuple(line.split(" "))
+        if len(pair) != 2 or not all(pair):
+            raise ValueError(f"{path}, line {number}: a merge is two tokens separated by one space, got {line!r}")
+        missing = [t for t in (*pair, "".join(pair)) if t not in vocab]
+        if missing:
+            raise ValueError(f"{path}, line {number}: {' and '.join(map(repr, missing))} not in vocab.json")
+        merges.append(pair)
+    return merges
+
+
+def _read_json(path, required=True):
+    """A JSON object from `path` ({} if the file is absent and not required); errors name the file."""
+    if not os.path.isfile(path):
+        if required:
+            raise FileNotFoundError(f"missing tokenizer file {path}")
+        return {}
+    with open(path, encoding="utf-8") as f:
+        try:
+            value = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _token_content(token):
     """special_tokens_map / tokenizer_config store a token as a string or as {"content": ...}."""
-    return token["content"] if isinstance(token, dict) else token
+    return token.get("content") if isinstance(token, dict) else token
 
 
 class CLIPTokenizer:
@@ -105,21 +136,33 @@ class CLIPTokenizer:
     @classmethod
     def from_folder(cls, path):
         """Read a CLIP tokenizer folder: vocab.json, merges.txt and, when present, tokenizer_config.json (for
-        model_max_length) and special_tokens_map.json (for pad_token), e.g. versatile-diffusion/tokenizer/."""
-        with open(os.path.join(path, "vocab.json"), encoding="utf-8") as f:
-            vocab = json.load(f)
-        merges = _read_merges(os.path.join(path, "merges.txt"))
+        model_max_length) and special_tokens_map.json (for pad_token), e.g. versatile-diffusion/tokenizer/.
+        Every file is checked; an error names the file."""
+        vocab_path = os.path.join(path, "vocab.json")
+        vocab = _read_json(vocab_path)
+        ids = list(vocab.values())
+        if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**31 for i in ids) \
+                or len(set(ids)) != len(ids):
+            raise ValueError(f"{vocab_path} must map each token to its own id (an integer >= 0)")
+        merges = _read_merges(os.path.join(path, "merges.txt"), vocab)
         settings = {}
         for name in ("tokenizer_config.json", "special_tokens_map.json"):  # a key in both: the second one's value
-            file = os.path.join(path, name)
-            if os.path.exists(file):
-                with open(file, encoding="utf-8") as f:
-                    settings.update(json.load(f))
-        max_length = int(settings.get("model_max_length", 77))
-        if max_length > 10**6:  # transformers writes a huge sentinel when the length is unknown
-            max_length = 77
-        pad_token = _token_content(settings.get("pad_token") or EOS)
-        return cls(vocab, merges, max_length=max_length, pad_token=pad_token)
+            settings.update({key: (name, value) for key, value in _read_json(os.path.join(path, name), False).items()})
+        where, max_length = settings.get("model_max_length", (None, 77))
+        if isinstance(max_length, (int, float)) and not isinstance(max_length, bool) and max_length > 10**6:
+            max_length = 77  # transformers writes a huge sentinel when the length is unknown
+        try:
+            checks.integer(max_length, "model_max_length", low=2)  # room for <|startoftext|> and <|endoftext|>
+        except ValueError as e:
+            raise ValueError(f"{os.path.join(path, where)}: {e}") from None
+        where, pad_token = settings.get("pad_token", (None, EOS))
+        pad_token = _token_content(pad_token) or EOS
+        if not isinstance(pad_token, str):
+            raise ValueError(f"{os.path.join(path, where)}: pad_token must be a string, got {pad_token!r}")
+        try:
+            return cls(vocab, merges, max_length=max_length, pad_token=pad_token)
+        except ValueError as e:  # a special token missing from the vocabulary
+            raise ValueError(f"{vocab_path}: {e}") from None
 
     def __call__(self, texts):
         """texts: a str or a list of B str -> LongTensor (B, L): BOS, tokens (truncated to L-2), EOS, padding."""

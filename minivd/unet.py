@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import checks
 from .attention import ContextBlock
 from .resnet import FlatLinear, FlatResBlock, Downsample, ResBlock, TimeEmbedding, Upsample
 
@@ -55,40 +56,99 @@ class UNetConfig:
     def tiny(cls):
         return cls(block_out_channels=(32, 32, 64, 64), heads=2, context_dim=32, norm_groups=8, text_channels=32)
 
+    def __post_init__(self):
+        channels = checks.integers(self.block_out_channels, "block_out_channels", count=(1, 8))
+        checks.integer(self.layers_per_block, "layers_per_block", high=64)
+        if not isinstance(self.attention_levels, (list, tuple)) or len(self.attention_levels) != len(channels) \
+                or not all(isinstance(a, bool) for a in self.attention_levels):
+            raise ValueError(f"attention_levels (down_block_types) must give one level with or without context blocks "
+                             f"per block_out_channels entry ({len(channels)}), got {self.attention_levels!r}")
+        heads = checks.integer(self.heads, "heads (attention_head_dim)")
+        groups = checks.integer(self.norm_groups, "norm_groups (norm_num_groups)")
+        checks.integer(self.context_dim, "context_dim (cross_attention_dim)")
+        checks.real(self.norm_eps, "norm_eps", positive=True)
+        for key in ("image_channels", "text_channels", "second_dim"):
+            checks.integer(getattr(self, key), f"{key} (in_channels)" if key != "second_dim" else key)
+        for c, has_context in zip(channels, self.attention_levels):
+            if c % groups or (has_context and c % heads):
+                raise ValueError(f"block_out_channels {c} is not a multiple of norm_groups (norm_num_groups) {groups}"
+                                 + (f" and heads (attention_head_dim) {heads}" if has_context else ""))
+
     @classmethod
     def from_hf_config(cls, image_cfg, text_cfg=None):
         """From diffusers' image_unet/config.json (UNet2DConditionModel) and, if given, text_unet/config.json
-        (UNetFlatConditionModel). The two must describe the same topology."""
+        (UNetFlatConditionModel). The two must describe the same topology; a setting minivd does not implement
+        (`HF_SETTINGS`) is refused."""
         cfg = image_cfg if image_cfg is not None else text_cfg
-        heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
+        flat = image_cfg is None
+        for key, allowed in HF_SETTINGS.items():
+            if key in cfg:
+                checks.choice(cfg[key], key, allowed[flat] if isinstance(allowed, list) else allowed)
+        heads = cfg.get("num_attention_heads")
+        heads = cfg.get("attention_head_dim", 8) if heads is None else heads
         if isinstance(heads, (list, tuple)):
             if len(set(heads)) != 1:
                 raise ValueError(f"minivd needs one head count for every level, the config has {heads}")
             heads = heads[0]
+        levels = len(checks.integers(cfg["block_out_channels"], "block_out_channels", count=(1, 8)))
+        down, up = (BLOCK_TYPES[flat][key] for key in ("down", "up"))
+        for key, kinds in (("down_block_types", down), ("up_block_types", up)):
+            types = cfg.get(key, [kinds[0]] * levels)
+            if not isinstance(types, (list, tuple)) or len(types) != levels or any(t not in kinds for t in types):
+                raise ValueError(f"{key} must name one of {kinds} per level ({levels}), got {types!r}")
+        attention = tuple(t == down[0] for t in cfg.get("down_block_types", [down[0]] * levels))
+        if tuple(t == up[0] for t in cfg.get("up_block_types", [up[0]] * levels)) != attention[::-1]:
+            raise ValueError("up_block_types must mirror down_block_types (context blocks at the same levels)")
         kwargs = dict(
             block_out_channels=tuple(cfg["block_out_channels"]),
             layers_per_block=cfg.get("layers_per_block", 2),
-            attention_levels=tuple(t.startswith("CrossAttn") for t in cfg["down_block_types"]),
+            attention_levels=attention,
             heads=heads,
             context_dim=cfg.get("cross_attention_dim", 768),
             norm_groups=cfg.get("norm_num_groups", 32),
             norm_eps=cfg.get("norm_eps", 1e-5),
         )
-        if cfg.get("use_linear_projection"):
-            raise ValueError("use_linear_projection=True is not a VD UNet (its context blocks use 1x1 convs)")
         if image_cfg is not None:
             kwargs["image_channels"] = image_cfg.get("in_channels", 4)
+            if image_cfg.get("out_channels", kwargs["image_channels"]) != kwargs["image_channels"]:
+                raise ValueError(f"out_channels {image_cfg['out_channels']!r} differs from in_channels "
+                                 f"{kwargs['image_channels']!r} (the UNet predicts noise of its input's shape)")
         if text_cfg is not None:
             in_ch = text_cfg["in_channels"]
-            kwargs["text_channels"] = in_ch[0] if isinstance(in_ch, (list, tuple)) else in_ch
+            kwargs["text_channels"] = in_ch[0] if isinstance(in_ch, (list, tuple)) and in_ch else in_ch
+            if text_cfg.get("out_channels", in_ch) != in_ch:
+                raise ValueError(f"text_unet out_channels {text_cfg['out_channels']!r} differs from in_channels {in_ch!r}")
             second = text_cfg.get("second_dim", 4)
-            kwargs["second_dim"] = second[0] if isinstance(second, (list, tuple)) else second
-            if image_cfg is not None:
-                other = cls.from_hf_config(None, text_cfg)
-                for key in ("block_out_channels", "layers_per_block", "attention_levels", "heads", "context_dim"):
-                    if getattr(other, key) != kwargs[key]:
-                        raise ValueError(f"image_unet and text_unet configs disagree on {key}")
-        return cls(**kwargs)
+            kwargs["second_dim"] = second[0] if isinstance(second, (list, tuple)) and second else second
+        config = cls(**kwargs)  # checks the values
+        if image_cfg is not None and text_cfg is not None:
+            other = cls.from_hf_config(None, text_cfg)
+            for key in ("block_out_channels", "layers_per_block", "attention_levels", "heads", "context_dim",
+                        "norm_groups", "norm_eps"):
+                if getattr(other, key) != getattr(config, key):
+                    raise ValueError(f"image_unet and text_unet configs disagree on {key}")
+        return config
+
+
+# diffusers UNet settings and the values minivd implements (VD's): anything else is refused. [image, text] where the
+# two UNets differ. Settings that change no computation here (dropout, sample_size, upcast_attention) are not listed.
+HF_SETTINGS = {
+    "act_fn": ("silu",), "addition_embed_type": (None,), "attention_type": ("default",),
+    "center_input_sample": (False,), "class_embed_type": (None,), "conv_in_kernel": (3,), "conv_out_kernel": (3,),
+    "cross_attention_norm": (None,), "downsample_padding": (1,), "dual_cross_attention": (False,),
+    "encoder_hid_dim": (None,), "encoder_hid_dim_type": (None,), "flip_sin_to_cos": (True,), "freq_shift": (0,),
+    "mid_block_only_cross_attention": (None, False), "mid_block_scale_factor": (1,),
+    "mid_block_type": [("UNetMidBlock2DCrossAttn",), ("UNetMidBlockFlatCrossAttn",)], "num_class_embeds": (None,),
+    "only_cross_attention": (False,), "resnet_out_scale_factor": (1.0,), "resnet_skip_time_act": (False,),
+    "resnet_time_scale_shift": ("default",), "time_cond_proj_dim": (None,), "time_embedding_act_fn": (None,),
+    "time_embedding_dim": (None,), "time_embedding_type": ("positional",), "timestep_post_act": (None,),
+    "transformer_layers_per_block": (1,), "reverse_transformer_layers_per_block": (None,),
+    "use_linear_projection": (False,),
+}
+BLOCK_TYPES = [  # [image, text]: (with context blocks, without)
+    {"down": ("CrossAttnDownBlock2D", "DownBlock2D"), "up": ("CrossAttnUpBlock2D", "UpBlock2D")},
+    {"down": ("CrossAttnDownBlockFlat", "DownBlockFlat"), "up": ("CrossAttnUpBlockFlat", "UpBlockFlat")},
+]
 
 
 @dataclass

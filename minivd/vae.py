@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minivd import checks
 from minivd.attention import Attention
 from minivd.resnet import Downsample, ResBlock, Upsample
 
@@ -48,14 +49,31 @@ class VAEConfig:
         """Two levels of 32/64 channels: latents are H/2 x W/2. For tests and tutorials."""
         return cls(block_out_channels=[32, 64], layers_per_block=2, norm_groups=8)
 
+    def __post_init__(self):
+        channels = checks.integers(self.block_out_channels, "block_out_channels", count=(1, 8))
+        checks.integer(self.layers_per_block, "layers_per_block", high=64)
+        for key in ("in_channels", "out_channels"):  # pixels in and out are RGB
+            checks.integer(getattr(self, key), key, low=3, high=3)
+        checks.integer(self.latent_channels, "latent_channels")
+        groups = checks.integer(self.norm_groups, "norm_groups (norm_num_groups)")
+        checks.real(self.norm_eps, "norm_eps", positive=True)
+        checks.real(self.scaling_factor, "scaling_factor", positive=True)
+        for key in ("use_quant_conv", "use_post_quant_conv", "mid_block_attention", "force_upcast"):
+            checks.flag(getattr(self, key), key)
+        if any(c % groups for c in channels):
+            raise ValueError(f"block_out_channels {list(channels)} must be multiples of norm_groups (norm_num_groups) "
+                             f"{groups}")
+
     @classmethod
     def from_hf_config(cls, config):
         """Build from a diffusers AutoencoderKL config.json dict (e.g. shi-labs/versatile-diffusion vae/)."""
         if config.get("act_fn", "silu") != "silu":
             raise ValueError(f"only act_fn 'silu' is supported, got {config['act_fn']!r}")
+        levels = len(checks.integers(config["block_out_channels"], "block_out_channels", count=(1, 8)))
         for key, kind in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
-            if any(t != kind for t in config.get(key, [kind])):
-                raise ValueError(f"only {kind} is supported in {key}, got {config[key]}")
+            types = config.get(key, [kind] * levels)
+            if not isinstance(types, (list, tuple)) or len(types) != levels or any(t != kind for t in types):
+                raise ValueError(f"{key} must be {kind} for each of the {levels} levels, got {types!r}")
         if config.get("shift_factor") is not None or config.get("latents_mean") is not None:
             raise ValueError("latent shift_factor / latents_mean are not supported (VD uses scaling only)")
         default = cls()
@@ -242,7 +260,13 @@ class AutoencoderKL(nn.Module):
 def latents_to_images(vae, latents):
     """Diffusion latents (B, L, h, w), scaled by scaling_factor -> images (B, 3, 8h, 8w) in [0, 1]."""
     images = vae.decode(latents / vae.cfg.scaling_factor)
-    return (images / 2 + 0.5).clamp(0, 1)
+    return to_unit_range(images)
+
+
+def to_unit_range(images):
+    """[-1, 1] -> [0, 1], clamped. An inf (an overflow, a bad weight) becomes NaN, not a saturated 0 or 1, so that
+    whoever checks the result sees it."""
+    return (images / 2 + 0.5).nan_to_num(nan=float("nan"), posinf=float("nan"), neginf=float("nan")).clamp(0, 1)
 
 
 def images_to_latents(vae, images):

@@ -10,7 +10,7 @@ VD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_li
                     set_alpha_to_one=False, steps_offset=1)
 
 
-@pytest.mark.parametrize("steps", [1, 7, 50, 250, 1000])
+@pytest.mark.parametrize("steps", [1, 7, 50, 250, 999])  # 1000 steps reach timestep 1000: refused
 def test_timesteps_match_diffusers(steps):
     ref = DDIMScheduler(**VD_SCHEDULER)
     ref.set_timesteps(steps)

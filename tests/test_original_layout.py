@@ -250,7 +250,7 @@ def test_original_layout_errors(tiny_original, tmp_path):
     with pytest.raises(ValueError, match="unknown UNetConfig fields \\['channels'\\]"):
         minivd.load(str(bad_config))
     (bad_config / "config.json").write_text('{"unet": {"context_dim": 48}}')  # CLIP projects to 32
-    with pytest.raises(ValueError, match="projection_dim 32 differs from the UNet's context_dim 48"):
+    with pytest.raises(ValueError, match=r"projection_dim 32 differs from the UNet's context_dim \(cross_attention_dim\) 48"):
         minivd.load(str(bad_config))
     (bad_config / "config.json").write_text('{"unet": {"context_dim": 32}}')  # VD's other sizes: check says so
     with pytest.raises(ValueError, match="mis-shaped tensor 'diffuser.image.data_blocks.0.0.weight'"):

@@ -327,6 +327,24 @@ def test_bench_reports_both_implementations(bench_run):
     assert values[3] < values[5] < values[4]  # peak tensors: the weights and more, less than the whole process
 
 
+def test_bench_measures_the_hubs_pickled_format(bench_run):
+    """--format bin-fp16 writes a copy of the checkpoint once, as the Hub ships it (pickled .bin files under the Hub's
+    names, here fp16), and measures both libraries on it."""
+    folder, _ = bench_run
+    done = run_bench("--tiny", "--folder", str(folder), "--format", "bin-fp16", "--sizes", "64", "--steps", "1",
+                     "--threads", "1", "--flows", "text-to-image")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Weights: bin-fp16 files (fp16 pickles)" in done.stdout
+    row = next(line for line in done.stdout.splitlines() if line.startswith("| text-to-image | 64 |"))
+    assert "error" not in row and row.count("(") == 5  # every metric measured for both libraries
+    pickled = folder.parent / (folder.name + "-bin-fp16")
+    for component, name in [("image_unet", "diffusion_pytorch_model.bin"), ("text_encoder", "pytorch_model.bin"),
+                            ("optimus", "optimus-vae.pth")]:
+        tensors = torch.load(pickled / component / name, weights_only=True)
+        assert {t.dtype for t in tensors.values() if t.is_floating_point()} == {torch.float16}, component
+    assert not list(pickled.rglob("*.safetensors")) and weights_loader.check(str(pickled)) == []
+
+
 def test_live_bytes_counts_new_storages_until_they_are_freed():
     """The benchmark's tensor peak on a sequence whose answer is known: views share a storage, tensors made before
     the mode (and their views and in-place results) are not counted, and a freed tensor stops counting."""

@@ -4,10 +4,14 @@
     python -m minivd.tools.bench --device cuda --dtype float16 --sizes 512 --steps 4 --out results.md
     python -m minivd.tools.bench --folder path/to/versatile-diffusion   # the real weights: nothing is built
     python -m minivd.tools.bench --tiny --sizes 64 --steps 1 --flows text-to-image   # seconds; what the tests run
+    python -m minivd.tools.bench --format bin-fp16 --sizes 256          # pickled fp16 .bin files, as the Hub ships
 
 Unless --folder holds a checkpoint already, a checkpoint with RANDOM weights (std 0.02) is written there first, in the
 official diffusers layout and at VD's full size, plus a random Optimus for the text flows (about 13 GB in float32, 6.5
-GB in float16; see minivd/tools/random_checkpoint.py): timings and memory are real, the images are noise. Every measurement
+GB in float16; see minivd/tools/random_checkpoint.py): timings and memory are real, the images are noise. --format bin
+(or bin-fp16) measures a copy of it written once next to it (FOLDER-bin, FOLDER-bin-fp16) with every weights file
+pickled under the Hub's names (diffusion_pytorch_model.bin, pytorch_model.bin; optimus-vae.pth), the format the Hub
+folder ships: fp32, or fp16 read into --dtype. Every measurement
 (one implementation, one flow, one size) runs in a fresh Python process, so its peak memory is its own, under a timeout;
 a failed one shows as "error [n]" in the table, with its message below. On a busy machine, --repeat N reports the
 fastest of N runs.
@@ -165,12 +169,59 @@ def measure(impl, folder, flow, size, device, dtype, steps, tensor_peak=False, r
     return result
 
 
+PICKLED_NAMES = {"diffusion_pytorch_model.safetensors": "diffusion_pytorch_model.bin",
+                 "model.safetensors": "pytorch_model.bin", "optimus-vae.safetensors": "optimus-vae.pth"}
+FORMATS = {"safetensors": None, "bin": torch.float32, "bin-fp16": torch.float16}  # and the pickles' dtype
+
+
+def write_pickled(folder, target, dtype):
+    """Copy the checkpoint in `folder` to `target` with each safetensors weights file written as a pickle
+    (torch.save, one storage per tensor) under the Hub's name, floating tensors in `dtype`; model_index.json last."""
+    import shutil
+
+    from weights_loader import TensorFile
+
+    for root, _, names in os.walk(folder):
+        out = os.path.join(target, os.path.relpath(root, folder))
+        os.makedirs(out, exist_ok=True)
+        for name in sorted(set(names) - {"model_index.json", MARKER}):  # the marker describes the source
+            source = os.path.join(root, name)
+            if name not in PICKLED_NAMES:
+                shutil.copy2(source, os.path.join(out, name))
+                continue
+            tf = TensorFile(source)
+            torch.save({k: tf.get(k, dtype=dtype).contiguous().clone() for k in tf.keys()},
+                       os.path.join(out, PICKLED_NAMES[name]))
+            print(f"  {source} -> {os.path.join(out, PICKLED_NAMES[name])}", flush=True)
+    shutil.copy2(os.path.join(folder, "model_index.json"), os.path.join(target, "model_index.json"))
+
+
+def pickled_folder(folder, fmt, timeout):
+    """The checkpoint to measure for --format: `folder` itself, or its pickled copy FOLDER-FORMAT (written once, in
+    its own process)."""
+    if FORMATS[fmt] is None:
+        return folder
+    target = f"{folder}-{fmt}"
+    if os.path.isfile(os.path.join(target, "model_index.json")):
+        print(f"using the {fmt} copy in {target}", file=sys.stderr)
+        return target
+    print(f"writing a {fmt} copy of {folder} to {target} ...", file=sys.stderr)
+    dtype = str(FORMATS[fmt]).removeprefix("torch.")
+    result = run_isolated(dict(task="pickle", folder=folder, target=target, dtype=dtype), timeout)
+    if "error" in result:
+        raise SystemExit(f"could not write {target}: {result['error']}")
+    return target
+
+
 def worker(spec):
     """Entry point of a measurement process: run `spec`, print one RESULT line."""
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     if spec["task"] == "build":
         build_checkpoint(spec["folder"], spec["tiny"], getattr(torch, spec["dtype"]))
+        result = {}
+    elif spec["task"] == "pickle":
+        write_pickled(spec["folder"], spec["target"], getattr(torch, spec["dtype"]))
         result = {}
     elif spec["task"] == "prime":  # load the GPU libraries once, so the first measurement does not pay for it
         x = torch.randn(2, 64, 64, 64, device=spec["device"], dtype=getattr(torch, spec["dtype"]))
@@ -300,6 +351,9 @@ def main(argv=None):
                                          "(default ./bench_checkpoint, ./bench_checkpoint_tiny with --tiny)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    parser.add_argument("--format", choices=list(FORMATS), default="safetensors",
+                        help="weights files to measure: the checkpoint's safetensors, or a pickled copy of it (bin: fp32, "
+                             "bin-fp16: fp16; the Hub folder's format), written once to FOLDER-FORMAT")
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="image sizes in pixels (square)")
     parser.add_argument("--steps", type=int, default=2, help="timed denoising steps (after one warm-up step)")
     parser.add_argument("--flows", nargs="+", default=None, help="default: the image flows, and minivd's text flows")
@@ -333,7 +387,8 @@ def main(argv=None):
     if unknown:
         parser.error(f"unknown flow(s) {', '.join(unknown)}; minivd has {', '.join(FLOWS)}")
     folder = os.path.abspath(args.folder or ("bench_checkpoint_tiny" if args.tiny else "bench_checkpoint"))
-    prepare_folder(folder, args.tiny, args.dtype, max(args.timeout, 3600))
+    prepare_folder(folder, args.tiny, args.dtype if args.format == "safetensors" else "float32", max(args.timeout, 3600))
+    folder = pickled_folder(folder, args.format, max(args.timeout, 3600))
 
     if args.device.startswith("cuda"):
         run_isolated(dict(task="prime", device=args.device, dtype=args.dtype), args.timeout)
@@ -367,6 +422,7 @@ def main(argv=None):
         f"Machine: {machine()}. 1-minute load average after each measurement: {load} (the measurement itself "
         f"keeps {args.threads or torch.get_num_threads()} threads busy; well above that, other processes were "
         "competing and timings are slower and noisier).",
+        f"Weights: {args.format} files{' (fp16 pickles)' if args.format == 'bin-fp16' else ''}. "
         f"Device {args.device}, {args.dtype}; guidance 7.5, batch 1; best of {args.repeat} run(s) (fastest time, "
         f"largest memory); s / step = mean of {args.steps} step(s) after "
         f"one warm-up step; generate s = the whole call ({args.steps + 1} steps, encoders, VAE decode); load s = "
