@@ -103,6 +103,7 @@ class OptimusConfig:
             decoder_vocab_size=dec_vocab, decoder_hidden=dec_hidden, decoder_layers=decoder_layers,
             decoder_heads=dec_hidden // head_dim, decoder_mlp=find("h.0.mlp.c_fc.weight")[1],
             decoder_positions=find("wpe.weight")[0], latent_dim=two_latent // 2,
+            max_word_pieces=min(77, find("position_embeddings.weight")[0] - 2),  # room for [CLS] and [SEP]
         )
 
 
