@@ -377,7 +377,6 @@ class Optimus(nn.Module):
             raise ValueError(f"at most {self.config.decoder_positions - 1} decoder tokens, got {input_ids.shape[1]}")
         return self.decoder(z, input_ids.to(z.device))
 
-    @torch.no_grad()
     def generate(self, z, max_length=30, temperature=1.0, top_k=0, top_p=1.0, greedy=False, generator=None):
         """z: (B, Z) -> list of B lists of token ids, without <BOS> / <EOS>.
 
@@ -390,22 +389,24 @@ class Optimus(nn.Module):
             raise ValueError(f"max_length must be in [2, {self.config.decoder_positions}], got {max_length}")
         if temperature <= 0 or top_k < 0 or not 0 < top_p <= 1:
             raise ValueError(f"need temperature > 0, top_k >= 0, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
-        B = z.shape[0]
-        ids = torch.full((B, 1), self.bos_id, dtype=torch.long, device=z.device)
-        done = torch.zeros(B, dtype=torch.bool, device=z.device)
-        for _ in range(max_length - 2):
-            h = self.decoder.hidden_states(z, ids)[:, -1]  # (B, C) at the last token
-            logits = (h @ self.decoder.wte.weight.T).float()  # (B, V) for the next token
-            if not torch.isfinite(logits).all():
-                raise FloatingPointError("non-finite values (NaN or inf) in the Optimus decoder's logits (a weight?)")
-            if greedy:
-                token = logits.argmax(dim=-1)
-            else:
-                token = _sample(logits / temperature, top_k, top_p, generator)
-            ids = torch.cat([ids, token[:, None]], dim=1)  # (B, t) -> (B, t+1); a row is cut at its first <EOS>
-            done |= token == self.eos_id
-            if done.all():
-                break
+        with torch.no_grad():  # a block, not a decorator: no torch wrapper frame to step through
+            B = z.shape[0]
+            ids = torch.full((B, 1), self.bos_id, dtype=torch.long, device=z.device)
+            done = torch.zeros(B, dtype=torch.bool, device=z.device)
+            for _ in range(max_length - 2):
+                h = self.decoder.hidden_states(z, ids)[:, -1]  # (B, C) at the last token
+                logits = (h @ self.decoder.wte.weight.T).float()  # (B, V) for the next token
+                if not torch.isfinite(logits).all():
+                    raise FloatingPointError("non-finite values (NaN or inf) in the Optimus decoder's logits "
+                                             "(a weight?)")
+                if greedy:
+                    token = logits.argmax(dim=-1)
+                else:
+                    token = _sample(logits / temperature, top_k, top_p, generator)
+                ids = torch.cat([ids, token[:, None]], dim=1)  # (B, t) -> (B, t+1); a row is cut at its first <EOS>
+                done |= token == self.eos_id
+                if done.all():
+                    break
         rows = []
         for row in ids[:, 1:].tolist():
             rows.append(row[:row.index(self.eos_id)] if self.eos_id in row else row)
