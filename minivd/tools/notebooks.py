@@ -7,7 +7,7 @@ built-in toy and saves it with its outputs (the figures a reader sees on the rep
     MINIVD_WEIGHTS=path python -m minivd.tools.notebooks --check   # on other weights
 
 Each notebook runs in a fresh "python3" kernel (ipykernel) started from this interpreter, in tutorials/, with the
-repository on PYTHONPATH, a headless matplotlib and one thread per kernel; two notebooks run at a time. Needs the
+repository on PYTHONPATH, an inline (headless) matplotlib and one thread per kernel; two notebooks run at a time. Needs the
 test extra: nbclient, nbformat, ipykernel, matplotlib (pip install -e ".[test]").
 """
 
@@ -31,7 +31,7 @@ def kernel_env(weights=None):
     if weights:
         env["MINIVD_WEIGHTS"] = str(weights)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
-    env["MPLBACKEND"] = "Agg"
+    env["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"  # headless, and plt.show() leaves the figure in the cell
     env["OMP_NUM_THREADS"] = "1"  # the toy's ops are too small to share between threads
     env["PYTHONWARNINGS"] = "ignore"  # the built-in model says what it is in the notebook itself
     return env
