@@ -12,6 +12,7 @@ Without --weights (or $MINIVD_WEIGHTS) it runs the built-in model (no download).
 """
 
 import argparse
+import bdb
 import math
 import os
 import sys
@@ -216,7 +217,7 @@ def main(argv=None):
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # a failure minivd did not foresee (out of memory, a torch error): still one line
-        if os.environ.get("MINIVD_TRACEBACK"):
+        if os.environ.get("MINIVD_TRACEBACK") or isinstance(e, bdb.BdbQuit):  # quitting pdb is not an error
             raise
         print(f"error: {type(e).__name__}: {e} (MINIVD_TRACEBACK=1 shows where)", file=sys.stderr)
         return 1

@@ -441,14 +441,10 @@ TOY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy", "weights")
 
 def builtin_model(device="cpu", dtype=torch.float32):
     """The model minivd runs with no weights given: the toy VD trained on pictures of coloured shapes, shipped in
-    minivd/toy/weights/ (its description says what it is). Without it (a source tree whose toy was never built): a
-    tiny VD with RANDOM weights, whose outputs are noise."""
-    if os.path.isfile(os.path.join(TOY, "model_index.json")):
-        warnings.warn("minivd: no weights given (path or $MINIVD_WEIGHTS): using the built-in TOY model, trained on "
-                      "pictures of coloured shapes, not Versatile Diffusion's weights", stacklevel=3)
-        return load(TOY, device, dtype)
-    from .tools.random_checkpoint import random_model
-
-    warnings.warn("minivd: no weights given (path or $MINIVD_WEIGHTS): using a tiny model with RANDOM weights; "
-                  "its outputs are noise", stacklevel=3)
-    return random_model().to(device, dtype)
+    minivd/toy/weights/ (its description says what it is)."""
+    if not os.path.isfile(os.path.join(TOY, "model_index.json")):
+        raise FileNotFoundError(f"the built-in toy model is missing from {TOY}: reinstall minivd, or rebuild it with "
+                                "python -m minivd.toy.build --out toy_build --ship")
+    warnings.warn("minivd: no weights given (path or $MINIVD_WEIGHTS): using the built-in TOY model, trained on "
+                  "pictures of coloured shapes, not Versatile Diffusion's weights", stacklevel=3)
+    return load(TOY, device, dtype)

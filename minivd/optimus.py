@@ -397,8 +397,7 @@ class Optimus(nn.Module):
                 h = self.decoder.hidden_states(z, ids)[:, -1]  # (B, C) at the last token
                 logits = (h @ self.decoder.wte.weight.T).float()  # (B, V) for the next token
                 if not torch.isfinite(logits).all():
-                    raise FloatingPointError("non-finite values (NaN or inf) in the Optimus decoder's logits "
-                                             "(a weight?)")
+                    raise FloatingPointError("non-finite values (NaN or inf) in the Optimus decoder's logits")
                 if greedy:
                     token = logits.argmax(dim=-1)
                 else:

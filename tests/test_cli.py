@@ -17,11 +17,11 @@ def run(*args):
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
 
 
-def test_demo_runs_without_weights_and_says_so(tmp_path):
-    out = tmp_path / "fox.png"
-    result = run("text-to-image", "a red fox in the snow", "--out", str(out))
+def test_the_toy_runs_without_weights_and_says_so(tmp_path):
+    out = tmp_path / "circle.png"
+    result = run("text-to-image", "a small red circle on the left", "--out", str(out))
     assert result.returncode == 0, result.stderr
-    assert "RANDOM weights" in result.stderr and "denoising" in result.stderr  # it says what it runs
+    assert "TOY model" in result.stderr and "denoising" in result.stderr  # it says what it runs
     assert Image.open(out).size == (64, 64)
 
 

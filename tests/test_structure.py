@@ -121,3 +121,14 @@ def test_files_stay_readable_in_size():
     sizes = {p.relative_to(ROOT).as_posix(): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
     too_long = {name: n for name, n in sizes.items() if n > 450 and not name.startswith("minivd/tools/")}
     assert not too_long, too_long
+
+
+def test_the_readme_debugger_stops_are_where_it_says():
+    """README's "Stepping through" names file:line stops and the code on them; an edit that moves the line must move
+    the README too."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    stops = {"minivd/ddim.py:141": "eps_uncond, eps_cond = denoiser(x_t, t)", "minivd/unet.py:283": "layers = self.data[data]"}
+    for stop, code in stops.items():
+        assert f"b {stop}" in readme, stop
+        path, line = stop.split(":")
+        assert open(os.path.join(ROOT, path)).read().splitlines()[int(line) - 1].strip() == code, stop

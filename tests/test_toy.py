@@ -14,10 +14,6 @@ from minivd.checkpoint import TOY
 from minivd.toy import world
 from minivd.tools.random_checkpoint import random_model
 
-pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(TOY, "model_index.json")),
-                                reason="the toy is not built (python -m minivd.toy.build --ship)")
-
-
 @pytest.fixture(scope="module")
 def toy():
     return minivd.load(TOY)
