@@ -157,8 +157,6 @@ def run(args, p):
     count = (max(n, 1) if args.mode != "multi-context" else 1) * args.num_images
     paths = [] if args.mode in TEXT_MODES else output_paths(args.out, 1 if args.mode == "edit" else count)
     model = minivd.load(args.weights, device=args.device, dtype=getattr(torch, args.dtype))
-    if args.weights is None:
-        print(f"minivd: no --weights given: running the built-in model, {model.config.description}", file=sys.stderr)
     if args.low_memory:
         model.enable_low_memory()
     steps = args.steps or model.config.defaults.steps
