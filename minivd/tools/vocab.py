@@ -13,6 +13,7 @@ from collections import Counter
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from minivd.tokenizer import BOS, END_OF_WORD, EOS, CLIPTokenizer, clip_pipeline, byte_alphabet
+from minivd.toy.vocab import merge_steps
 
 DEMO_CORPUS = [
     "a photo of a cat sitting on a wooden table",
@@ -75,27 +76,7 @@ def _train_merges(corpus):
         normalized = splitter.normalizer.normalize_str(text)
         for word, _ in splitter.pre_tokenizer.pre_tokenize_str(normalized):
             words[(*word[:-1], word[-1] + END_OF_WORD)] += 1
-    while True:
-        pairs = Counter()
-        for symbols, count in words.items():
-            for pair in zip(symbols, symbols[1:]):
-                pairs[pair] += count
-        if not pairs:
-            return
-        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
-        yield best
-        merged_words = Counter()
-        for symbols, count in words.items():
-            out, i = [], 0
-            while i < len(symbols):
-                if symbols[i : i + 2] == best:
-                    out.append(best[0] + best[1])
-                    i += 2
-                else:
-                    out.append(symbols[i])
-                    i += 1
-            merged_words[tuple(out)] += count
-        words = merged_words
+    yield from merge_steps(words)
 
 
 def train_clip_vocab(corpus=None, vocab_size=1000):

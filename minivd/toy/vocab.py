@@ -49,21 +49,20 @@ def gpt2_words(text):
     return [word for word, _ in pre_tokenizers.ByteLevel(add_prefix_space=False).pre_tokenize_str(text)]
 
 
-def train_bpe(words):
-    """words: Counter of words, each a tuple of symbols -> list of merges (left, right), most frequent pair first.
+def merge_steps(words):
+    """words: Counter of words, each a tuple of symbols -> yields merges (left, right), most frequent pair first.
 
     Repeatedly merge the most frequent adjacent pair (ties: the smallest pair in string order) until every word is
     one symbol."""
-    merges = []
     while True:
         pairs = Counter()
         for symbols, count in words.items():
             for pair in zip(symbols, symbols[1:]):
                 pairs[pair] += count
         if not pairs:
-            return merges
+            return
         best = min(pairs, key=lambda pair: (-pairs[pair], pair))
-        merges.append(best)
+        yield best
         merged = Counter()
         for symbols, count in words.items():
             out, i = [], 0
@@ -76,6 +75,11 @@ def train_bpe(words):
                     i += 1
             merged[tuple(out)] += count
         words = merged
+
+
+def train_bpe(words):
+    """words: Counter of words, each a tuple of symbols -> the list of all merges `merge_steps` makes."""
+    return list(merge_steps(words))
 
 
 def _vocab(base, merges, tail):
