@@ -17,6 +17,8 @@ import os
 import torch
 import torch.nn as nn
 
+from minivd.export import MODEL_INDEX
+
 MARKER = "bench_checkpoint.json"  # written into folders built here
 
 # diffusers / transformers constructor arguments. FULL = shi-labs/versatile-diffusion, TINY = tests/tiny_vd.py
@@ -197,14 +199,7 @@ def write_pipeline_files(folder):
     DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                   set_alpha_to_one=False, steps_offset=1).save_pretrained(os.path.join(folder, "scheduler"))
     with open(os.path.join(folder, "model_index.json"), "w") as f:
-        json.dump({"_class_name": "VersatileDiffusionPipeline", "_diffusers_version": "0.8.0.dev0",
-                   "image_unet": ["diffusers", "UNet2DConditionModel"],
-                   "text_unet": ["versatile_diffusion", "UNetFlatConditionModel"],
-                   "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "DDIMScheduler"],
-                   "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
-                   "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
-                   "tokenizer": ["transformers", "CLIPTokenizer"],
-                   "image_feature_extractor": ["transformers", "CLIPImageProcessor"]}, f, indent=2)
+        json.dump({**MODEL_INDEX, "_diffusers_version": "0.8.0.dev0"}, f, indent=2)  # the Hub upload's version
     return folder
 
 
