@@ -23,9 +23,9 @@ original layout (the files the SHI-Labs code reads; the Hub repo's pretrained_pt
     name and keys (`python weights_loader.py convert`); safetensors is read first, and fp32 before -fp16.
 
 Both layouts: the text flows also need the Optimus text VAE, which the diffusers folder lacks: optimus-vae.pth
-(the Hub repo's pretrained_pth/) in optimus/, pretrained_pth/ or the folder itself, and its vocabularies in
-optimus/: vocab.txt (bert-base-cased), vocab.json and merges.txt (GPT-2), or their original names
-bert-base-cased-vocab.txt, gpt2-vocab.json, gpt2-merges.txt (lib/model_zoo/optimus_models/vocab/ of the code).
+(the Hub repo's pretrained_pth/) in optimus/, pretrained_pth/ or the folder itself, and its vocabularies: optimus/
+vocab.txt (bert-base-cased), vocab.json and merges.txt (GPT-2), or their original names bert-base-cased-vocab.txt,
+gpt2-vocab.json, gpt2-merges.txt; with none of them there, minivd's copies in minivd/optimus_vocab/ are used.
 An optional minivd.json says what the checkpoint is and what `generate` should default to
 ({"description": ..., "defaults": {"height", "width", "steps", "guidance_scale"}}).
 
@@ -58,6 +58,7 @@ ORIGINAL_FILES = {"unet": ("vd-four-flow-v1-0", "vd-four-flow-v1-0-fp16"), "vae"
 CLIP_FOLDER = "clip-vit-large-patch14"
 WEIGHT_EXTENSIONS = (".safetensors", ".pth")
 OPTIMUS_VOCABS = {"vocab.txt": "bert-base-cased-vocab.txt", "vocab.json": "gpt2-vocab.json", "merges.txt": "gpt2-merges.txt"}
+BUILT_IN_VOCABS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "optimus_vocab")  # the released Optimus'
 MAX_CONFIG_BYTES = 2**24  # 16 MiB: VD's largest config file (a vocabulary) has 1.6 MB
 
 
@@ -73,8 +74,7 @@ class ShapesOnly(TorchFunctionMode):
         self.limit, self.what, self.count = limit, what, 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = getattr(func, "__name__", "")
+        kwargs, name = kwargs or {}, getattr(func, "__name__", "")
         target = args[0] if args else kwargs.get("tensor")
         if name.endswith("_") and not name.startswith("_") and isinstance(target, torch.Tensor) and target.is_meta:
             return target
@@ -88,22 +88,20 @@ class ShapesOnly(TorchFunctionMode):
 
 def find_file(folder, names, subfolders=("", "pretrained_pth")):
     """The first of folder/subfolder/name.(safetensors|pth) that exists, trying `names` in order; None if none."""
-    for name in names:
-        for ext in WEIGHT_EXTENSIONS:
-            for sub in subfolders:
-                path = os.path.join(folder, sub, name + ext)
-                if os.path.isfile(path):
-                    return path
-    return None
+    paths = (os.path.join(folder, sub, name + ext) for name in names for ext in WEIGHT_EXTENSIONS for sub in subfolders)
+    return next((path for path in paths if os.path.isfile(path)), None)
 
 
 def find_optimus(folder):
-    """(weights file or None, {vocab name: path or None}) of the Optimus text VAE in a checkpoint folder."""
+    """(weights file or None, {vocab name: path or None}) of the Optimus text VAE in a checkpoint folder; with none of
+    the three vocabularies in optimus/, minivd's copies of the released ones (bert-base-cased, GPT-2)."""
     weights = find_file(folder, ("optimus-vae",), ("optimus", "pretrained_pth", ""))
     vocabs = {}
     for name, original in OPTIMUS_VOCABS.items():
         candidates = [os.path.join(folder, "optimus", n) for n in (name, original)]
         vocabs[name] = next((c for c in candidates if os.path.isfile(c)), None)
+    if all(p is None for p in vocabs.values()):
+        vocabs = {name: os.path.join(BUILT_IN_VOCABS, original) for name, original in OPTIMUS_VOCABS.items()}
     return weights, vocabs
 
 
@@ -296,7 +294,7 @@ class Checkpoint:
 
     def optimus_parts(self, files, tokenizers=True):
         """(OptimusConfig, (bert, gpt2) tokenizers or (None, None)): sized from its weights file's shapes, head counts
-        from optimus/config.json (the release has none: 64-wide heads), vocabularies from optimus/."""
+        from optimus/config.json (the release has none: 64-wide heads), vocabularies from find_optimus."""
         tf, _ = self.open("optimus", files)
         path = os.path.join(self.folder, "optimus", "config.json")
         settings = read_json(path, "Optimus config") if os.path.isfile(path) else {}
@@ -314,17 +312,19 @@ class Checkpoint:
             return config, (None, None)
         vocabs = find_optimus(self.folder)[1]
         missing = [f"optimus/{name} (or {OPTIMUS_VOCABS[name]})" for name, p in vocabs.items() if p is None]
-        if missing:
+        if missing:  # some but not all: a half-copied folder, not one that means minivd's copies
             raise FileNotFoundError(f"the Optimus vocabularies are missing from {self.folder}: {', '.join(missing)} "
-                                    "(they ship with the original code, lib/model_zoo/optimus_models/vocab/)")
+                                    f"(copy all three, or none to use the released ones in {BUILT_IN_VOCABS})")
         try:
             bert, gpt2 = bert_tokenizer(vocabs["vocab.txt"]), gpt2_tokenizer(vocabs["vocab.json"], vocabs["merges.txt"])
         except Exception as e:  # the tokenizers library raises plain Exceptions for malformed files
             raise ValueError(f"the Optimus vocabularies {', '.join(vocabs.values())} could not be read: {e}") from None
         if bert.get_vocab_size() > config.encoder_vocab_size or gpt2.get_vocab_size() != config.decoder_vocab_size:
+            where = " (minivd's copies of the released ones: the folder has none)" * vocabs["vocab.txt"].startswith(
+                BUILT_IN_VOCABS)
             raise ValueError(f"{vocabs['vocab.txt']} ({bert.get_vocab_size()} word pieces) and {vocabs['vocab.json']} "
                              f"({gpt2.get_vocab_size()} with <PAD> <BOS> <EOS>) do not fit the {config.encoder_vocab_size}"
-                             f" and {config.decoder_vocab_size} embeddings of {tf.path}")
+                             f" and {config.decoder_vocab_size} embeddings of {tf.path}{where}")
         return config, (bert, gpt2)
 
     def problems(self):

@@ -6,7 +6,9 @@ decoder.* = GPT2ForLatentConnector_XX, with its causal-mask buffers and the tied
 """
 
 import dataclasses
+import os
 import re
+import shutil
 
 import pytest
 import torch
@@ -262,3 +264,45 @@ def test_bad_input_raises(setup, vocab_dir):
         OptimusConfig(decoder_heads=5)
     with pytest.raises(ValueError, match="GPT-2 tokenizer"):
         Optimus(dataclasses.replace(cfg, decoder_vocab_size=999), *load_tokenizers(vocab_dir))
+
+
+# ---- the released vocabularies minivd ships (minivd/optimus_vocab/) ----
+
+@pytest.fixture(scope="module")
+def released_vocab_dir(tmp_path_factory):
+    """minivd's copies of the released Optimus vocabularies, under the names transformers' tokenizers read."""
+    from minivd.checkpoint import BUILT_IN_VOCABS, OPTIMUS_VOCABS
+
+    folder = tmp_path_factory.mktemp("released_vocab")
+    for name, original in OPTIMUS_VOCABS.items():
+        shutil.copy(os.path.join(BUILT_IN_VOCABS, original), folder / name)
+    return folder
+
+
+RELEASED_TEXTS = [" a cat sitting on a red couch.", "Two dogs run across the GREEN grass, isn't it lovely?",
+                  " Café au lait ... 東京 ñ", "hello world", "unbelievable tokenization!!", ""]
+
+
+def test_released_vocabularies_are_bert_base_cased_and_gpt2(released_vocab_dir):
+    bert, gpt2 = load_tokenizers(str(released_vocab_dir))
+    defaults = OptimusConfig()  # the released optimus-vae.pth's sizes
+    assert bert.get_vocab_size() == defaults.encoder_vocab_size == 28996
+    assert gpt2.get_vocab_size() == defaults.decoder_vocab_size == 50257 + 3
+    # ids every GPT-2 and bert-base-cased user knows
+    assert gpt2.encode("Hello world").ids == [15496, 995] and gpt2.token_to_id("<|endoftext|>") == 50256
+    assert [bert.token_to_id(t) for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")] == [0, 100, 101, 102, 103]
+
+
+def test_released_vocabularies_tokenize_like_transformers(released_vocab_dir):
+    bert, gpt2 = load_tokenizers(str(released_vocab_dir))
+    bert_refs = [BertTokenizer.from_pretrained(str(released_vocab_dir), do_lower_case=False),
+                 BertTokenizerLegacy(vocab_file=str(released_vocab_dir / "vocab.txt"), do_lower_case=False)]
+    gpt2_ref = GPT2Tokenizer.from_pretrained(str(released_vocab_dir))
+    gpt2_ref.add_special_tokens({"pad_token": "<PAD>", "bos_token": "<BOS>", "eos_token": "<EOS>"})
+    assert [gpt2.token_to_id(t) for t in GPT2_ADDED_TOKENS] == gpt2_ref.convert_tokens_to_ids(list(GPT2_ADDED_TOKENS))
+    for text in RELEASED_TEXTS:
+        for ref in bert_refs:
+            assert bert.encode(text.lower()).ids == ref(text.lower())["input_ids"][1:-1], (text, type(ref).__name__)
+        ids = gpt2.encode(text).ids
+        assert ids == gpt2_ref(text)["input_ids"], text
+        assert gpt2.decode(ids) == gpt2_ref.decode(ids) == text

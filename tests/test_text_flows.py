@@ -139,3 +139,29 @@ def test_text_flow_errors(tiny_vd, tmp_path):
     os.remove(no_vocab / "optimus" / "vocab.txt")
     with pytest.raises(FileNotFoundError, match="vocab.txt"):
         minivd.generate("image-to-text", model=minivd.load(str(no_vocab)), image=picture(0), steps=1)
+
+
+def test_folder_without_vocabularies_uses_the_released_ones(tiny_vd, tmp_path):
+    """The Hub repo has no Optimus vocabularies: a folder with none gets minivd's copies of the released ones, which
+    fit an Optimus of the released vocabulary sizes and are refused, by name, for one of other sizes."""
+    from minivd.checkpoint import BUILT_IN_VOCABS, find_optimus
+    from minivd.tools.random_checkpoint import TINY, write_optimus
+
+    folder = shutil.copytree(tiny_vd, tmp_path / "released_sizes")
+    shutil.rmtree(folder / "optimus")
+    sizes = dict(TINY, bert=dict(TINY["bert"], vocab_size=28996), gpt2=dict(TINY["gpt2"], vocab_size=50260))
+    write_optimus(str(folder / "optimus"), sizes, TINY["text_latent"], torch.Generator().manual_seed(0), torch.float32)
+    assert not any(name.endswith((".txt", "vocab.json")) for name in os.listdir(folder / "optimus"))
+    model = minivd.load(str(folder))
+    model.prepare("text-variation")
+    assert {os.path.dirname(p) for p in find_optimus(str(folder))[1].values()} == {BUILT_IN_VOCABS}
+    bert, gpt2 = model.optimus.bert_tok, model.optimus.gpt2_tok
+    assert gpt2.encode("Hello world").ids == [15496, 995] and bert.token_to_id("[CLS]") == 101
+    texts = minivd.generate("text-variation", model=model, prompt="a small red circle", steps=1, seed=0)
+    assert len(texts) == 1 and isinstance(texts[0], str)
+
+    tiny = shutil.copytree(tiny_vd, tmp_path / "tiny_sizes")
+    for name in ("vocab.txt", "vocab.json", "merges.txt"):
+        os.remove(tiny / "optimus" / name)
+    with pytest.raises(ValueError, match="minivd's copies of the released ones: the folder has none"):
+        minivd.generate("image-to-text", model=minivd.load(str(tiny)), image=picture(0), steps=1)

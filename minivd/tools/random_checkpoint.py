@@ -117,20 +117,24 @@ def random_state_dict(module, generator, dtype, buffers=True):
 
 def write_optimus(folder, sizes, latent_dim, generator, dtype):
     """A random Optimus text VAE as the original optimus-vae file names it (encoder.* = BERT + latent head,
-    decoder.transformer.* = GPT-2 + latent projections), with stand-in vocabularies. Needs minivd.optimus."""
+    decoder.transformer.* = GPT-2 + latent projections). At the released vocabulary sizes (BERT 28996, GPT-2 50257 + 3)
+    it writes no vocabularies, so minivd.load uses its copies of the released ones; otherwise stand-ins."""
     from safetensors.torch import save_file
     from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
 
     from minivd.tools.vocab import write_tiny_vocabs
 
-    write_tiny_vocabs(folder)  # stand-ins trained on a few sentences; BERT's may be smaller than its embedding,
-    vocab_json = os.path.join(folder, "vocab.json")  # but GPT-2's must fill its embedding (less the 3 added tokens):
-    with open(vocab_json, encoding="utf-8") as f:  # pad it with tokens no text produces
-        vocab = json.load(f)
-    for i in range(len(vocab), sizes["gpt2"]["vocab_size"] - 3):
-        vocab[f"<|unused{i}|>"] = i
-    with open(vocab_json, "w", encoding="utf-8") as f:
-        json.dump(vocab, f, ensure_ascii=False)
+    os.makedirs(folder, exist_ok=True)
+    if (sizes["bert"]["vocab_size"], sizes["gpt2"]["vocab_size"]) != (FULL["bert"]["vocab_size"],
+                                                                      FULL["gpt2"]["vocab_size"]):
+        write_tiny_vocabs(folder)  # stand-ins trained on a few sentences; BERT's may be smaller than its embedding,
+        vocab_json = os.path.join(folder, "vocab.json")  # but GPT-2's must fill its embedding (less the 3 added):
+        with open(vocab_json, encoding="utf-8") as f:  # pad it with tokens no text produces
+            vocab = json.load(f)
+        for i in range(len(vocab), sizes["gpt2"]["vocab_size"] - 3):
+            vocab[f"<|unused{i}|>"] = i
+        with open(vocab_json, "w", encoding="utf-8") as f:
+            json.dump(vocab, f, ensure_ascii=False)
     with torch.device("meta"):
         bert = BertModel(BertConfig(hidden_act="gelu", **sizes["bert"]))
         gpt2 = GPT2Model(GPT2Config(activation_function="gelu_new", **sizes["gpt2"]))
