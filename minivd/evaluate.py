@@ -131,12 +131,12 @@ def mix_sweep(model, judge, n, mode="dual-guided"):
 
 
 def evaluate(model, judge, n=4, log=print):
-    """Every measurement on one model. n scales the sample: n seeds of the 24 text-to-image prompts, 15 n renders
-    or captions for the other flows, 5 n pairs for the mixing sweeps."""
+    """Every measurement on one model. n scales the sample: n seeds of the 24 text-to-image prompts, 30 n renders for
+    image variation, 15 n renders or captions for the text flows, 5 n pairs for the mixing sweeps."""
     results, start = {}, time.time()
     results["text-to-image"] = text_to_image(model, judge, n)
     log(f"  text-to-image      {time.time() - start:6.1f}s")
-    results["image-variation"] = image_variation(model, judge, 15 * n)
+    results["image-variation"] = image_variation(model, judge, 30 * n)
     results["image-to-text"], results["captions"] = image_to_text(model, 15 * n)
     results["text-variation"], results["variations"] = text_variation(model, 15 * n)
     log(f"  + image/text flows {time.time() - start:6.1f}s")
@@ -175,7 +175,7 @@ def main(argv=None):
 
     p = argparse.ArgumentParser(prog="python -m minivd.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--weights", default=None, help="a toy-world checkpoint (default: the built-in toy)")
-    p.add_argument("--n", type=int, default=4, help="sample size: n seeds per text-to-image prompt, 15 n renders ...")
+    p.add_argument("--n", type=int, default=4, help="sample size: n seeds per text-to-image prompt, 30 n renders ...")
     p.add_argument("--no-random", action="store_true", help="skip the random-weights model's column")
     args = p.parse_args(argv)
     judge = load_judge()
