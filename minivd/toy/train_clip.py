@@ -9,15 +9,6 @@ unit-length embedding, and the contrastive loss reads it straight from the conte
     logits = exp(s) * v @ t^T                                             (B, B), s learnable (starts at log 1/0.07)
     loss = (CE(logits, targets) + CE(logits^T, targets^T)) / 2            symmetric InfoNCE
 
-VD's image context is all N tokens, not only the class token, and the UNet's cross-attention reads every one. In a
-large CLIP the patch tokens carry what their patch shows; in a toy trained on the class token alone they get no
-training signal of their own and stay nearly alike for every picture (they told the colour apart for 78% of renders,
-the class token for 99%), and image variation then missed neighbouring colours. So the mean of the patch tokens is a
-second image embedding with the same loss, and the training loss is the mean of the two:
-
-    u_j = normalise(mean of image_context_j[1:])                          (B, P)
-    loss = (InfoNCE(v, t) + InfoNCE(u, t)) / 2
-
 A batch of 128 drawn from 240 scene classes often holds two pictures of one class; plain InfoNCE would push
 their captions apart. The targets therefore spread each row's probability evenly over every pair whose scenes
 are equal (the diagonal is the usual one-hot target when a class appears once).
@@ -67,13 +58,9 @@ def text_embeddings(text_encoder, input_ids):
     return context[torch.arange(len(input_ids)), text_encoder.eos_positions(input_ids)]
 
 
-def image_embeddings(vision_encoder, images, patches=False):
-    """images (B, 3, S, S) in [0, 1] -> the pooled unit-length image embeddings (B, P) (the class token); with
-    `patches`, also the unit-length mean of the patch tokens (B, P)."""
-    context = vision_encoder(normalise_pixels(images))  # (B, N, P)
-    if not patches:
-        return context[:, 0]
-    return context[:, 0], F.normalize(context[:, 1:].mean(dim=1), dim=-1)
+def image_embeddings(vision_encoder, images):
+    """images (B, 3, S, S) in [0, 1] -> the pooled unit-length image embeddings (B, P) (the class token)."""
+    return vision_encoder(normalise_pixels(images))[:, 0]
 
 
 def contrastive_loss(image_emb, text_emb, scene_ids, logit_scale):
@@ -109,10 +96,8 @@ def train_clip(tokenizer, steps=1500, batch_size=128, lr=2e-3, seed=0, text_cfg=
         set_learning_rate(optimizer, learning_rate(step, steps, lr, warmup=100))
         images, captions, labels = next(data)
         input_ids = tokenizer(captions)  # (B, T)
-        pooled, patches = image_embeddings(vision_encoder, images, patches=True)
-        text, ids = text_embeddings(text_encoder, input_ids), scene_ids_of(labels)
-        pooled_loss, logits = contrastive_loss(pooled, text, ids, logit_scale)
-        loss = (pooled_loss + contrastive_loss(patches, text, ids, logit_scale)[0]) / 2
+        loss, logits = contrastive_loss(image_embeddings(vision_encoder, images),
+                                        text_embeddings(text_encoder, input_ids), scene_ids_of(labels), logit_scale)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -135,13 +120,10 @@ def measure_clip(tokenizer, text_encoder, vision_encoder, n=2000, seed=40_000):
     scene_labels = torch.tensor([s.labels() for s in scenes])  # (240, 4)
 
     images, labels = held_out_renders(n, seed)
-    pooled, patches = zip(*[image_embeddings(vision_encoder, images[i : i + 250], True) for i in range(0, n, 250)])
-    zero_shot = {}  # the class token's, then the patch tokens' mean's ("patch_mean_" names)
-    for prefix, image_emb in (("", torch.cat(pooled)), ("patch_mean_", torch.cat(patches))):
-        guess = scene_labels[(image_emb @ canonical.T).argmax(dim=1)]  # (n, 4)
-        for i, name in enumerate(HEADS):
-            zero_shot[prefix + name] = 100 * (guess[:, i] == labels[:, i]).float().mean().item()
-        zero_shot[prefix + "all"] = 100 * (guess == labels).all(dim=1).float().mean().item()
+    image_emb = torch.cat([image_embeddings(vision_encoder, images[i : i + 250]) for i in range(0, n, 250)])
+    guess = scene_labels[(image_emb @ canonical.T).argmax(dim=1)]  # (n, 4)
+    zero_shot = {name: 100 * (guess[:, i] == labels[:, i]).float().mean().item() for i, name in enumerate(HEADS)}
+    zero_shot["all"] = 100 * (guess == labels).all(dim=1).float().mean().item()
 
     captions = world.all_captions()  # scene-major: 5 templates per scene
     caption_labels = scene_labels.repeat_interleave(len(world.TEMPLATES), dim=0)
