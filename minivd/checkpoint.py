@@ -58,7 +58,7 @@ ORIGINAL_FILES = {"unet": ("vd-four-flow-v1-0", "vd-four-flow-v1-0-fp16"), "vae"
 CLIP_FOLDER = "clip-vit-large-patch14"
 WEIGHT_EXTENSIONS = (".safetensors", ".pth")
 OPTIMUS_VOCABS = {"vocab.txt": "bert-base-cased-vocab.txt", "vocab.json": "gpt2-vocab.json", "merges.txt": "gpt2-merges.txt"}
-BUILT_IN_VOCABS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "optimus_vocab")  # the released Optimus'
+BUILT_IN_VOCABS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "optimus_vocab")  # bert-base-cased, GPT-2
 MAX_CONFIG_BYTES = 2**24  # 16 MiB: VD's largest config file (a vocabulary) has 1.6 MB
 
 
@@ -320,8 +320,8 @@ class Checkpoint:
         except Exception as e:  # the tokenizers library raises plain Exceptions for malformed files
             raise ValueError(f"the Optimus vocabularies {', '.join(vocabs.values())} could not be read: {e}") from None
         if bert.get_vocab_size() > config.encoder_vocab_size or gpt2.get_vocab_size() != config.decoder_vocab_size:
-            where = " (minivd's copies of the released ones: the folder has none)" * vocabs["vocab.txt"].startswith(
-                BUILT_IN_VOCABS)
+            built_in = os.path.dirname(vocabs["vocab.txt"]) == BUILT_IN_VOCABS  # find_optimus fell back to them
+            where = " (minivd's copies of the released ones: the folder has none)" if built_in else ""
             raise ValueError(f"{vocabs['vocab.txt']} ({bert.get_vocab_size()} word pieces) and {vocabs['vocab.json']} "
                              f"({gpt2.get_vocab_size()} with <PAD> <BOS> <EOS>) do not fit the {config.encoder_vocab_size}"
                              f" and {config.decoder_vocab_size} embeddings of {tf.path}{where}")
