@@ -39,7 +39,7 @@ DESCRIPTION = ("the built-in TOY model: a small VD trained by minivd on pictures
 TOY_UNET = UNetConfig(block_out_channels=(32, 64, 64), layers_per_block=1, attention_levels=(True, True, False),
                       heads=4, context_dim=64, norm_groups=8, text_channels=32)
 UNET_STEPS, BATCH, LR, EMA = 3000, 64, 1e-3, 0.998
-IMAGE_CONTEXT_STEPS, IMAGE_CONTEXT_LR, IMAGE_CONTEXT_EMA = 1500, 5e-4, 0.995
+IMAGE_CONTEXT_STEPS, IMAGE_CONTEXT_LR, IMAGE_CONTEXT_EMA = 3000, 5e-4, 0.995
 SAMPLING_STEPS, GUIDANCE_CANDIDATES = 25, (1.5, 2.0, 3.0, 4.0)
 
 
