@@ -60,8 +60,8 @@ def test_text_to_image_draws_every_attribute(toy, judge):
 
 
 def test_image_variation_keeps_colour_and_shape(toy, judge):
-    r = evaluate.image_variation(toy, judge, 16)
-    assert r["colour"] >= 75 and r["shape"] >= 75, r
+    r = evaluate.image_variation(toy, judge, 48)  # 94% and 100% on these 48; 21% and 31% with random weights
+    assert r["colour"] >= 85 and r["shape"] >= 85, r
 
 
 def test_image_to_text_captions_in_the_language(toy):
