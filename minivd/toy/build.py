@@ -126,14 +126,13 @@ def main(argv=None):
           lambda: components.main(["--out", parts_dir, "--stage", "all"]))
     stage("assemble", lambda: os.path.isfile(os.path.join(init, "model_index.json")),
           lambda: assemble(components.load(parts_dir), init))
+    runs = dict(data="toy", batch_size=BATCH, save_every=250, description=DESCRIPTION, resume=True)  # both UNet stages
     stage("unet", lambda: os.path.isfile(os.path.join(four_flows, "model_index.json")),
-          lambda: train(TrainConfig(init=init, data="toy", out=run_dir, steps=args.unet_steps, batch_size=BATCH, lr=LR,
-                                    warmup=100, ema=EMA, save_every=250, description=DESCRIPTION, resume=True)))
+          lambda: train(TrainConfig(init=init, out=run_dir, steps=args.unet_steps, lr=LR, warmup=100, ema=EMA, **runs)))
     stage("image-context", lambda: os.path.isfile(os.path.join(final, "model_index.json")),
-          lambda: train(TrainConfig(init=four_flows, data="toy", out=os.path.dirname(final),
-                                    flows=("image-variation", "image-to-text"), train=("context.image",),
-                                    steps=IMAGE_CONTEXT_STEPS, batch_size=BATCH, lr=IMAGE_CONTEXT_LR, warmup=50,
-                                    ema=IMAGE_CONTEXT_EMA, save_every=250, description=DESCRIPTION, resume=True)))
+          lambda: train(TrainConfig(init=four_flows, out=os.path.dirname(final), flows=("image-variation",
+                                    "image-to-text"), train=("context.image",), steps=IMAGE_CONTEXT_STEPS,
+                                    lr=IMAGE_CONTEXT_LR, warmup=50, ema=IMAGE_CONTEXT_EMA, **runs)))
     judge = components.load(parts_dir)["judge"]
 
     def newer(path, than):  # a measurement is done when it was made after the model it measures
